@@ -1,0 +1,115 @@
+"""`pickscore export`: model source -> artifacts directory (towers, tokenizer.json, manifest.json)."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pickscore_runtime.artifacts import file_entry, staged_directory, write_manifest
+from pickscore_runtime.errors import PickScoreError
+from pickscore_runtime.preprocess import PreprocessConfig
+from pickscore_runtime.towers import TOWERS, tower_specs
+
+from . import onnx_export
+from .source import ModelSource, load_clip, read_preprocessing, read_tokenizer_settings, tokenizer_files
+from .torch_towers import tower_module
+
+log = logging.getLogger("pickscore")
+
+EXPORTABLE = ("fp32", "fp16")
+
+
+def parse_precisions(text: str | Sequence[str]) -> list[str]:
+    items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    bad = [p for p in items if p not in EXPORTABLE]
+    if bad or not items:
+        raise PickScoreError(f"unsupported precision {', '.join(bad) or '(none)'}; choose from {', '.join(EXPORTABLE)}")
+    return list(dict.fromkeys(items))
+
+
+def package_versions() -> dict[str, str]:
+    names = ["pickscore-runtime", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers", "pillow", "numpy"]
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def model_dims(config) -> dict[str, int]:
+    t, v = config.text_config, config.vision_config
+    return {
+        "embed_dim": config.projection_dim, "image_size": v.image_size, "patch_size": v.patch_size,
+        "max_text_length": t.max_position_embeddings, "vocab_size": t.vocab_size,
+        "text_hidden": t.hidden_size, "text_layers": t.num_hidden_layers,
+        "vision_hidden": v.hidden_size, "vision_layers": v.num_hidden_layers,
+    }
+
+
+def export_artifacts(source: ModelSource, out_dir: str | Path, precisions: Sequence[str] = ("fp32",),
+                     force: bool = False, opset: int = onnx_export.OPSET,
+                     progress: Callable[[str], None] = log.info) -> Path:
+    """Export `source` into `out_dir` atomically; returns the directory."""
+    precisions = parse_precisions(precisions)
+    started = time.perf_counter()
+    progress(f"loading model {source.model}" + (f" with RANDOM weights (seed {source.seed})" if source.random_init else ""))
+    clip = load_clip(source)  # first: missing weights is the error a user most needs to see
+    files = tokenizer_files(source)
+    preprocessing = PreprocessConfig.from_json(read_preprocessing(files)).to_json()
+    dims = model_dims(clip.config)
+    specs = tower_specs(dims["embed_dim"], dims["image_size"])
+    out_dir = Path(out_dir)
+    with staged_directory(out_dir, overwrite=force) as stage:
+        shutil.copyfile(files / "tokenizer.json", stage / "tokenizer.json")
+        towers = {}
+        for tower in TOWERS:
+            spec = specs[tower]
+            fp32 = stage / f"{tower}.fp32.onnx"
+            t0 = time.perf_counter()
+            progress(f"exporting {tower} tower (fp32, opset {opset})")
+            onnx_export.export_fp32(tower_module(clip, tower), spec, fp32, opset)
+            variants = {}
+            if "fp16" in precisions:
+                progress(f"converting {tower} tower to fp16")
+                fp16 = stage / f"{tower}.fp16.onnx"
+                onnx_export.convert_fp16(fp32, fp16, spec)
+                variants["fp16"] = _variant(fp16, stage, opset, "fp16 weights/compute; LayerNorm, softmax, reductions, pow, sqrt, final L2 norm in fp32")
+            if "fp32" in precisions:
+                variants["fp32"] = _variant(fp32, stage, opset, "fp32")
+            else:
+                _remove_with_data(fp32)
+            towers[tower] = {"io": spec.to_json(), "precisions": variants}
+            progress(f"{tower} tower done in {time.perf_counter() - t0:.0f} s")
+        write_manifest(stage, {
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"name": "pickscore_v1", "random_weights": source.random_init, "source": source.describe()},
+            "dims": dims,
+            "logit_scale": float(clip.logit_scale.item()),
+            "preprocessing": preprocessing,
+            "tokenizer": {**file_entry(stage / "tokenizer.json", stage),
+                          **read_tokenizer_settings(files, dims["max_text_length"])},
+            "towers": towers,
+            "packages": package_versions(),
+        })
+    progress(f"exported {', '.join(precisions)} to {out_dir} in {time.perf_counter() - started:.0f} s")
+    return out_dir
+
+
+def _variant(onnx_path: Path, root: Path, opset: int, numerics: str) -> dict:
+    files = [onnx_path] + [p for p in [onnx_export.external_data_file(onnx_path)] if p is not None]
+    return {"format": "onnx", "opset": opset, "numerics": numerics, "files": [file_entry(f, root) for f in files]}
+
+
+def _remove_with_data(onnx_path: Path) -> None:
+    data = onnx_export.external_data_file(onnx_path)
+    onnx_path.unlink()
+    if data is not None:
+        data.unlink()

@@ -1,0 +1,102 @@
+"""PyTorch towers -> ONNX files, driven by the runtime's tower specs (names, dtypes, dynamic axes).
+
+fp32 is exported with torch.onnx (dynamo); fp16 is derived from the fp32 graph with ONNX Runtime's
+float16 converter, keeping the numerically sensitive ops (LayerNorm, softmax, reductions, pow/sqrt and
+the final L2 normalisation) in fp32 and the tower's inputs/outputs fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pickscore_runtime.towers import DYNAMIC_AXES, TowerSpec
+
+log = logging.getLogger("pickscore")
+
+OPSET = 18
+# Protobuf cannot hold more than 2 GB: bigger towers keep their weights in one external-data file.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+FP16_KEEP_FP32_OPS = ["LayerNormalization", "Softmax", "ReduceL2", "ReduceMean", "ReduceSum", "Pow", "Sqrt"]
+
+
+def example_input(spec: TowerSpec, batch: int = 2, sequence: int = 7):
+    import torch
+
+    shape = [{"batch": batch, "sequence": sequence}.get(d, d) if isinstance(d, str) else d for d in spec.input.shape]
+    if spec.input.dtype == "int64":
+        # <|startoftext|> a few tokens <|endoftext|>: a realistic prompt so export sees the pooling path
+        ids = torch.randint(1, 49000, shape, generator=torch.Generator().manual_seed(0))
+        ids[:, 0], ids[:, -1] = 49406, 49407
+        return ids
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
+def export_fp32(module, spec: TowerSpec, path: Path, opset: int = OPSET) -> None:
+    """Export one tower. Dynamic axes come from the spec; weights go external only when they must."""
+    import torch
+
+    dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in DYNAMIC_AXES.items()}
+    dynamic = {t.name: {axis: dims[name] for axis, name in t.dynamic_axes().items()} for t in spec.inputs}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, (example_input(spec),), dynamo=True, opset_version=opset,
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=dynamic, verbose=False,
+        )
+    # Size what the graph holds, not the module: a tower module also owns the other tower's weights.
+    weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
+    program.save(str(path), external_data=weights > EXTERNAL_DATA_THRESHOLD)
+    _check_single_external_file(path)
+
+
+def _check_single_external_file(path: Path) -> None:
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value for t in model.graph.initializer if uses_external_data(t)
+        for entry in t.external_data if entry.key == "location"
+    }
+    if len(locations) > 1:
+        raise RuntimeError(f"{path}: weights spread over {len(locations)} external files, expected at most one")
+
+
+def external_data_file(path: Path) -> Path | None:
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            location = next(e.value for e in t.external_data if e.key == "location")
+            return path.parent / location
+    return None
+
+
+def convert_fp16(src: Path, dst: Path, spec: TowerSpec) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))  # with its external data
+    output_producer = [n.name for n in model.graph.node if spec.output.name in n.output]
+    model16 = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=FP16_KEEP_FP32_OPS, node_block_list=output_producer,
+        disable_shape_infer=True,
+    )
+    del model
+    # The exporter's value_info still says fp32 for tensors that are fp16 now; stale annotations make
+    # shape inference (and stricter parsers such as TensorRT's) reject the graph, so drop them.
+    del model16.graph.value_info[:]
+    external = sum(_tensor_nbytes(t) for t in model16.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    onnx.save(model16, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
+              location=dst.name + ".data" if external else None)
+
+
+def _tensor_nbytes(t) -> int:
+    import onnx
+
+    return int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize

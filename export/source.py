@@ -1,0 +1,157 @@
+"""Where the model comes from: a hub id, a local Hugging Face folder, or seeded random weights built
+from a folder's config.json (for machines without the weights; loudly labelled everywhere)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pickscore_models import model_info
+from pickscore_runtime.errors import ModelSourceError
+
+log = logging.getLogger("pickscore")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+KNOWN = model_info("pickscore_v1")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model: str = KNOWN["hub_id"]  # hub id or local folder
+    random_init: bool = False
+    seed: int = 0
+    revision: str | None = None
+    processor: str = KNOWN["processor_hub_id"]  # tokenizer/processor files when the model folder lacks them
+
+    @property
+    def local_dir(self) -> Path | None:
+        path = Path(self.model).expanduser()
+        return path if path.is_dir() else None
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's `source` section."""
+        d: dict[str, Any] = {"model": self.model}
+        local = self.local_dir
+        if local is not None:
+            d["kind"] = "local"
+            d["path"] = str(local.resolve())
+            d["config_sha256"] = _sha256(local / "config.json")
+            if not self.random_init:
+                d["weights_sha256"] = {p.name: _sha256(p) for p in _weight_files(local)}
+        else:
+            d["kind"] = "hub"
+            d["revision"] = self.revision or "main"
+        if self.random_init:
+            d["random_init"] = {"seed": self.seed, "logit_scale": KNOWN["logit_scale"]}
+        return d
+
+    def cache_key(self) -> dict[str, Any]:
+        """Cheap identity for the user export cache (no hashing of gigabytes of weights)."""
+        local = self.local_dir
+        key: dict[str, Any] = {"model": self.model, "random_init": self.random_init, "seed": self.seed,
+                               "revision": self.revision}
+        if local is not None:
+            key["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                  for p in [local / "config.json", *_weight_files(local)] if p.exists())
+        return key
+
+
+def _sha256(path: Path) -> str:
+    from pickscore_runtime.artifacts import sha256_file
+
+    return sha256_file(path)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern))
+
+
+def _no_weights_message(source: ModelSource, detail: str) -> str:
+    return (
+        f"cannot load the weights of {source.model!r} ({detail}). "
+        "Without network access, download the model elsewhere and pass --model DIR (a Hugging Face folder "
+        "with config.json and weights), or, to exercise every code path offline with meaningless scores, "
+        "pass --model DIR --random-init where DIR holds config.json and the tokenizer files."
+    )
+
+
+def load_clip(source: ModelSource):
+    """The transformers CLIPModel (eval, fp32) for `source`."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    local = source.local_dir
+    if source.random_init:
+        if local is None or not (local / "config.json").is_file():
+            raise ModelSourceError(f"--random-init needs --model DIR with a config.json; {source.model!r} is not such a folder")
+        config = CLIPConfig.from_pretrained(local)
+        log.warning("building %s with RANDOM weights (seed %d): scores will be meaningless", source.model, source.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(source.seed)
+            model = CLIPModel(config)
+        with torch.no_grad():
+            model.logit_scale.fill_(KNOWN["logit_scale"])
+        return model.eval()
+    if local is not None and not _weight_files(local):
+        raise ModelSourceError(_no_weights_message(source, f"no *.safetensors or *.bin in {local}"))
+    try:
+        model = CLIPModel.from_pretrained(str(local or source.model), revision=source.revision)
+    except (OSError, ValueError) as e:  # huggingface_hub's offline/not-found errors are OSErrors
+        raise ModelSourceError(_no_weights_message(source, str(e).splitlines()[0])) from None
+    return model.eval()
+
+
+def tokenizer_files(source: ModelSource, dest: Path | None = None) -> Path:
+    """A folder holding tokenizer.json and preprocessor_config.json for `source`: the model folder when
+    it has them, else the processor repo (the model card takes them from laion's ViT-H-14 repo)."""
+    local = source.local_dir
+    if local is not None and (local / "tokenizer.json").is_file():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source.processor, allow_patterns=list(TOKENIZER_FILES)))
+    except Exception as e:  # noqa: BLE001 - hub errors vary by version; all mean "cannot get the files"
+        raise ModelSourceError(
+            f"cannot get tokenizer/processor files from {source.processor!r} ({str(e).splitlines()[0]}); "
+            "pass --model DIR where DIR also holds tokenizer.json and preprocessor_config.json"
+        ) from None
+
+
+def read_preprocessing(files: Path) -> dict[str, Any]:
+    """preprocessor_config.json in the runtime's normalised form (falls back to the known constants)."""
+    path = files / "preprocessor_config.json"
+    known = dict(KNOWN["preprocessing"])
+    if not path.is_file():
+        return known
+    cfg = json.loads(path.read_text())
+    size, crop = cfg.get("size", known["shortest_edge"]), cfg.get("crop_size", known["crop_size"])
+    resample = {2: "bilinear", 3: "bicubic"}.get(cfg.get("resample", 3))
+    if resample is None:
+        raise ModelSourceError(f"{path}: unsupported resample {cfg.get('resample')!r}")
+    return {
+        "shortest_edge": size["shortest_edge"] if isinstance(size, dict) else int(size),
+        "crop_size": crop["height"] if isinstance(crop, dict) else int(crop),
+        "resample": resample,
+        "rescale_factor": cfg.get("rescale_factor", known["rescale_factor"]),
+        "image_mean": cfg.get("image_mean", known["image_mean"]),
+        "image_std": cfg.get("image_std", known["image_std"]),
+    }
+
+
+def read_tokenizer_settings(files: Path, model_max_positions: int) -> dict[str, Any]:
+    cfg_path = files / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    pad = cfg.get("pad_token", "<|endoftext|>")
+    pad = pad["content"] if isinstance(pad, dict) else pad
+    max_length = min(int(cfg.get("model_max_length", model_max_positions)), model_max_positions)
+    return {"max_length": max_length, "pad_token": pad, "padding": "longest", "truncation": True}
+
+
+def source_digest(source: ModelSource) -> str:
+    return hashlib.sha256(json.dumps(source.cache_key(), sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,87 @@
+"""Image preprocessing identical to transformers' CLIPImageProcessor (PIL backend, the processor the
+PickScore model card uses): RGB conversion compositing transparency onto white, shortest side to 224
+with PIL bicubic (long side truncated to int), centre crop 224 at ((h-224)//2, (w-224)//2), x/255 in
+float64 then float32, (x - mean) / std in float32, CHW."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import ImageError
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+# The resized intermediate of an extreme aspect ratio (say 100000x1) would need gigabytes; the
+# reference would try anyway and exhaust memory. Refuse such images by name instead.
+MAX_RESIZED_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    shortest_edge: int
+    crop_size: int
+    resample: str
+    rescale_factor: float
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "PreprocessConfig":
+        cfg = cls(
+            int(d["shortest_edge"]), int(d["crop_size"]), str(d["resample"]), float(d["rescale_factor"]),
+            tuple(float(v) for v in d["image_mean"]), tuple(float(v) for v in d["image_std"]),
+        )
+        if cfg.resample not in _RESAMPLE:
+            raise ValueError(f"unsupported resample {cfg.resample!r}; supported: {sorted(_RESAMPLE)}")
+        if cfg.crop_size > cfg.shortest_edge:
+            raise ValueError("crop_size larger than shortest_edge would need padding, which CLIP never does")
+        return cfg
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shortest_edge": self.shortest_edge, "crop_size": self.crop_size, "resample": self.resample,
+            "rescale_factor": self.rescale_factor, "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+        }
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """transformers' convert_to_rgb: alpha (a band, or palette/`transparency` info) composited onto white."""
+    if img.mode == "RGB":
+        return img
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+class Preprocessor:
+    def __init__(self, config: PreprocessConfig):
+        self.config = config
+        self._mean = np.array(config.image_mean, dtype=np.float32)
+        self._std = np.array(config.image_std, dtype=np.float32)
+        self._resample = _RESAMPLE[config.resample]
+
+    def __call__(self, img: Image.Image, name: str = "image") -> np.ndarray:
+        """One decoded image -> float32 [3, crop, crop]."""
+        cfg = self.config
+        try:
+            rgb = to_rgb(img)
+        except (OSError, ValueError) as e:
+            raise ImageError(name, f"cannot convert mode {img.mode} to RGB ({e})") from None
+        w, h = rgb.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(cfg.shortest_edge * long / short)
+        if new_long * cfg.shortest_edge > MAX_RESIZED_PIXELS:
+            raise ImageError(name, f"aspect ratio of {w}x{h} is too extreme to preprocess (max {MAX_RESIZED_PIXELS} px after resize)")
+        size = (cfg.shortest_edge, new_long) if w <= h else (new_long, cfg.shortest_edge)
+        pixels = np.asarray(rgb.resize(size, resample=self._resample))
+        new_w, new_h = size
+        top, left = (new_h - cfg.crop_size) // 2, (new_w - cfg.crop_size) // 2
+        pixels = pixels[top : top + cfg.crop_size, left : left + cfg.crop_size]
+        x = (pixels.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+        x = (x - self._mean) / self._std
+        return x.transpose(2, 0, 1)

@@ -1,0 +1,48 @@
+"""CLIP tokenisation with the `tokenizers` library, identical to transformers' CLIPTokenizerFast as the
+PickScore model card calls it: lower-cased by the tokenizer.json normaliser, `padding=True` (to the
+longest prompt of the batch) with <|endoftext|>, `truncation=True, max_length=77`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import PromptError
+
+
+@dataclass(frozen=True)
+class TokenizedBatch:
+    input_ids: np.ndarray  # [B, T] int64, T = longest prompt (<= max_length)
+    truncated: list[bool]  # prompt was longer than max_length tokens and was cut, as the reference does
+
+
+def check_prompt(prompt: object, index: int | None = None) -> str:
+    where = "prompt" if index is None else f"prompt #{index}"
+    if not isinstance(prompt, str):
+        raise PromptError(f"{where} must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise PromptError(f"{where} is empty: an empty prompt has no meaning to score against")
+    return prompt
+
+
+class ClipTokenizer:
+    def __init__(self, tokenizer_json: str | Path, max_length: int, pad_token: str):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(tokenizer_json))
+        pad_id = self._tok.token_to_id(pad_token)
+        if pad_id is None:
+            raise ValueError(f"pad token {pad_token!r} is not in {tokenizer_json}")
+        self.max_length = max_length
+        self.pad_id = pad_id
+        self._tok.enable_truncation(max_length=max_length)
+        self._tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
+
+    def __call__(self, prompts: Sequence[str]) -> TokenizedBatch:
+        """Tokenise valid prompts (see `check_prompt`) into one padded batch."""
+        encodings = self._tok.encode_batch(list(prompts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        return TokenizedBatch(ids, [bool(e.overflowing) for e in encodings])

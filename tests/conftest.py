@@ -1,0 +1,77 @@
+"""Shared fixtures: the real PickScore tokenizer/processor files from ../shared, a tiny random CLIP
+built from models/tiny_clip with those files, its exported artifacts, and generated images on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pickscore_models import tiny_clip_config_path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MODEL = Path(os.environ.get("PICKSCORE_SHARED_MODEL_DIR", REPO.parent / "shared" / "models" / "pickscore_v1"))
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "preprocessor_config.json", "vocab.json", "merges.txt")
+
+
+def require_shared_model() -> Path:
+    if not (SHARED_MODEL / "config.json").is_file():
+        message = f"PickScore config/tokenizer files not found at {SHARED_MODEL} (set PICKSCORE_SHARED_MODEL_DIR)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # in CI a missing folder is a broken setup, not a reason to skip
+        pytest.skip(message)
+    return SHARED_MODEL
+
+
+@pytest.fixture(scope="session")
+def shared_model_dir() -> Path:
+    return require_shared_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, shared_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    shutil.copyfile(tiny_clip_config_path(), folder / "config.json")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(shared_model_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tiny_model_dir):
+    from pickscore_export.source import ModelSource
+
+    return ModelSource(str(tiny_model_dir), random_init=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory, tiny_source) -> Path:
+    from pickscore_export.build import export_artifacts
+
+    out = tmp_path_factory.mktemp("tiny_artifacts") / "art"
+    return export_artifacts(tiny_source, out, ["fp32", "fp16"])
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer(tiny_artifacts):
+    from pickscore_runtime import PickScorer
+
+    with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
+        return PickScorer.load(tiny_artifacts, backend="onnx-cpu", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_source):
+    from pickscore_export.reference import Reference
+
+    return Reference(tiny_source)
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory) -> list[Path]:
+    from pickscore_export.samples import write_images
+
+    return write_images(tmp_path_factory.mktemp("samples"))
