@@ -22,7 +22,12 @@ from .torch_towers import tower_module
 
 log = logging.getLogger("pickscore")
 
-EXPORTABLE = ("fp32", "fp16")
+EXPORTABLE = ("fp32", "fp16", "int8")
+NUMERICS = {
+    "fp32": "fp32",
+    "fp16": "fp16 weights/compute; LayerNorm, softmax, reductions, pow, sqrt, final L2 norm in fp32; fp32 IO",
+    "int8": "dynamic quantisation: int8 per-tensor MatMul/Gemm weights, uint8 activations quantised per call; rest fp32",
+}
 
 
 def parse_precisions(text: str | Sequence[str]) -> list[str]:
@@ -76,15 +81,19 @@ def export_artifacts(source: ModelSource, out_dir: str | Path, precisions: Seque
             t0 = time.perf_counter()
             progress(f"exporting {tower} tower (fp32, opset {opset})")
             onnx_export.export_fp32(tower_module(clip, tower), spec, fp32, opset)
+            derive = {"fp16": lambda dst: onnx_export.convert_fp16(fp32, dst, spec),
+                      "int8": lambda dst: onnx_export.quantize_int8(fp32, dst)}
             variants = {}
-            if "fp16" in precisions:
-                progress(f"converting {tower} tower to fp16")
-                fp16 = stage / f"{tower}.fp16.onnx"
-                onnx_export.convert_fp16(fp32, fp16, spec)
-                variants["fp16"] = _variant(fp16, stage, opset, "fp16 weights/compute; LayerNorm, softmax, reductions, pow, sqrt, final L2 norm in fp32")
-            if "fp32" in precisions:
-                variants["fp32"] = _variant(fp32, stage, opset, "fp32")
-            else:
+            for precision in precisions:
+                if precision == "int8" and tower not in onnx_export.INT8_TOWERS:
+                    variants[precision] = _variant(fp32, stage, opset, onnx_export.INT8_SKIPPED_NOTE)
+                    continue
+                path = stage / f"{tower}.{precision}.onnx"
+                if precision != "fp32":
+                    progress(f"deriving {tower} tower {precision} from fp32")
+                    derive[precision](path)
+                variants[precision] = _variant(path, stage, opset, NUMERICS[precision])
+            if not any(v["files"][0]["path"] == fp32.name for v in variants.values()):
                 _remove_with_data(fp32)
             towers[tower] = {"io": spec.to_json(), "precisions": variants}
             progress(f"{tower} tower done in {time.perf_counter() - t0:.0f} s")

@@ -112,10 +112,12 @@ class Artifacts:
         return artifacts
 
     def _all_file_entries(self) -> Iterator[dict[str, Any]]:
-        yield self.manifest["tokenizer"]
+        """Each file once (a file may serve several precisions, e.g. the fp32 text tower for int8)."""
+        entries = [self.manifest["tokenizer"]]
         for tower in TOWERS:
             for variant in self.manifest["towers"].get(tower, {}).get("precisions", {}).values():
-                yield from variant["files"]
+                entries += variant["files"]
+        yield from {e["path"]: e for e in entries}.values()
 
     def _check_file(self, entry: dict[str, Any], hash_check: str) -> None:
         path = self.root / entry["path"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -20,8 +21,10 @@ import numpy as np
 
 from .artifacts import Artifacts
 from .backends import Backend, create_backend
+from .samples_light import bench_images, bench_prompts
+from .scorer import PickScorer
 
-STAGES = ("vision", "text")
+STAGES = ("vision", "text", "text-cached", "e2e")
 
 
 @dataclass
@@ -76,10 +79,10 @@ def time_calls(fn: Callable[[], object], min_calls: int, min_seconds: float) -> 
     return times
 
 
-def row_from_times(backend: Backend, stage: str, batch: int, times: list[float], peak: float) -> Row:
+def row_from_times(backend: Backend, stage: str, batch: int, items_per_call: int, times: list[float], peak: float) -> Row:
     ms = np.array(times) * 1000
-    return Row(backend.name, backend.precision, stage, batch, round(batch * len(times) / sum(times), 3),
-               round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 95)), 1), round(peak))
+    return Row(backend.name, backend.precision, stage, batch, round(items_per_call * len(times) / sum(times), 3),
+               round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 95)), 3), round(peak))
 
 
 def open_backends(artifacts: Artifacts, names: Sequence[str], model: str | None, random_init: bool, seed: int,
@@ -102,37 +105,63 @@ def open_backends(artifacts: Artifacts, names: Sequence[str], model: str | None,
             yield create_backend(artifacts, engine, precision, threads=threads)
 
 
-def bench_inputs(artifacts: Artifacts, max_batch: int):
-    """Preprocessed generated images and tokenised prompts, built by the runtime's own code."""
-    from .preprocess import PreprocessConfig, Preprocessor
-    from .tokenizer import ClipTokenizer
-    from .samples_light import bench_images, bench_prompts
+@dataclass
+class BenchInputs:
+    pixels: np.ndarray  # preprocessed images, one per batch slot
+    input_ids: np.ndarray  # tokenised prompts (padded), one per batch slot
+    prompts: list[str]
+    jpegs: list[str]  # a generated folder of JPEGs for the end-to-end stage
 
-    pre = Preprocessor(PreprocessConfig.from_json(artifacts.manifest["preprocessing"]))
-    pixels = np.stack([pre(img) for img in bench_images(max_batch)])
-    tok = artifacts.manifest["tokenizer"]
-    ids = ClipTokenizer(artifacts.tokenizer_file, tok["max_length"], tok["pad_token"])(bench_prompts(max_batch)).input_ids
-    return pixels, ids
+
+def bench_inputs(scorer: PickScorer, max_batch: int, folder: Path, n_jpegs: int) -> BenchInputs:
+    """Deterministic inputs built by the runtime's own tokenizer and preprocessing."""
+    prompts = bench_prompts(max_batch)
+    images = bench_images(max(max_batch, n_jpegs))
+    jpegs = []
+    for i, img in enumerate(images[:n_jpegs]):
+        jpegs.append(str(folder / f"bench_{i:03d}.jpg"))
+        img.save(jpegs[-1], "JPEG", quality=90)
+    return BenchInputs(np.stack([scorer.preprocessor(img) for img in images[:max_batch]]),
+                       scorer.tokenizer(prompts).input_ids, prompts, jpegs)
+
+
+def stage_call(scorer: PickScorer, stage: str, batch: int, inputs: BenchInputs) -> tuple[Callable[[], object], int]:
+    """What one timed call of `stage` does, and how many items it handles."""
+    backend = scorer.backend
+    if stage == "vision":
+        return (lambda: backend.embed_images(inputs.pixels[:batch])), batch
+    if stage == "text":
+        return (lambda: backend.embed_text(inputs.input_ids[:batch])), batch
+    if stage == "text-cached":  # tokenise + cache lookup; the first (warm-up) call fills the cache
+        return (lambda: scorer.embed_text(inputs.prompts[:batch])), batch
+    if stage == "e2e":  # files on disk -> decode/preprocess pool -> batches -> scores
+        work = [(inputs.prompts[0], inputs.jpegs)]
+        return (lambda: list(scorer.score_many(work, batch_size=batch))), len(inputs.jpegs)
+    raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
 
 
 def run_bench(artifacts_dir: str | Path, backends: Sequence[str], batch_sizes: Sequence[int],
               stages: Sequence[str] = STAGES, model: str | None = None, random_init: bool = False, seed: int = 0,
-              threads: int | None = None, min_calls: int = 3, min_seconds: float = 2.0,
+              threads: int | None = None, min_calls: int = 3, min_seconds: float = 2.0, n_jpegs: int | None = None,
               progress: Callable[[str], None] = print) -> dict:
     artifacts = Artifacts.load(artifacts_dir, hash_check="size")
-    pixels, ids = bench_inputs(artifacts, max(batch_sizes))
+    n_jpegs = n_jpegs or 2 * max(batch_sizes)
     rows: list[Row] = []
-    for backend in open_backends(artifacts, backends, model, random_init, seed, threads):
-        for stage in stages:
-            for b in batch_sizes:
-                call = {"vision": lambda: backend.embed_images(pixels[:b]), "text": lambda: backend.embed_text(ids[:b])}[stage]
-                with PeakRss() as rss:
-                    times = time_calls(call, min_calls, min_seconds)
-                rows.append(row_from_times(backend, stage, b, times, rss.peak))
-                progress(json.dumps(asdict(rows[-1])))
-        del backend
+    with tempfile.TemporaryDirectory(prefix="pickscore-bench-") as tmp:
+        inputs = None
+        for backend in open_backends(artifacts, backends, model, random_init, seed, threads):
+            scorer = PickScorer.from_backend(artifacts, backend)
+            inputs = inputs or bench_inputs(scorer, max(batch_sizes), Path(tmp), n_jpegs)
+            for stage in stages:
+                for b in batch_sizes:
+                    call, items = stage_call(scorer, stage, b, inputs)
+                    with PeakRss() as rss:
+                        times = time_calls(call, min_calls, min_seconds)
+                    rows.append(row_from_times(backend, stage, b, items, times, rss.peak))
+                    progress(json.dumps(asdict(rows[-1])))
+            del scorer, backend
     return {"machine": machine_info(threads), "artifacts": str(artifacts_dir), "random_weights": artifacts.random_weights,
-            "rows": [asdict(r) for r in rows]}
+            "n_jpegs_e2e": n_jpegs, "rows": [asdict(r) for r in rows]}
 
 
 def machine_info(threads: int | None) -> dict:
@@ -148,9 +177,41 @@ def machine_info(threads: int | None) -> dict:
             "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
 
 
+def plot(result: dict, path: Path) -> None:
+    """items/s per backend, one panel per stage, batch sizes side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from None
+    rows = result["rows"]
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        these = [r for r in rows if r["stage"] == stage]
+        engines = list(dict.fromkeys(f"{r['backend']}/{r['precision']}" for r in these))
+        batches = sorted({r["batch_size"] for r in these})
+        width = 0.8 / max(len(engines), 1)
+        for k, engine in enumerate(engines):
+            vals = [next((r["items_per_s"] for r in these if f"{r['backend']}/{r['precision']}" == engine
+                          and r["batch_size"] == b), 0) for b in batches]
+            ax.bar([i + k * width for i in range(len(batches))], vals, width, label=engine)
+        ax.set_xticks([i + width * (len(engines) - 1) / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set_title(stage)
+        ax.set_ylabel("items/s")
+        ax.set_yscale("log" if stage.startswith("text") else "linear")
+    axes[0][0].legend(fontsize=8)
+    title = "PickScore throughput" + (" (random weights)" if result.get("random_weights") else "")
+    fig.suptitle(f"{title} - {result['machine']['cpu']}, {result['machine']['threads']} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def markdown_table(result: dict) -> str:
     lines = ["| backend | precision | stage | batch | items/s | p50 ms | p95 ms | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['backend']} | {r['precision']} | {r['stage']} | {r['batch_size']} | {r['items_per_s']:.3f} | "
-                     f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)

@@ -28,7 +28,8 @@ def _add_source_args(p: argparse.ArgumentParser, default_model: str | None) -> N
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="auto | onnx-cpu | onnx-cuda (default auto)")
-    p.add_argument("--precision", default=None, help="fp32 | fp16 (default: the most accurate one exported)")
+    p.add_argument("--precision", default=None,
+                   help="fp32 | fp16 | int8 (default: the most accurate one exported; with --backend auto on a CPU, int8 when exported)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,39 +40,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the text and vision towers to ONNX")
     _add_source_args(p, default_model="yuvalkirstain/PickScore_v1")
     p.add_argument("--out", required=True, type=Path, help="artifacts directory to create")
-    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, fp16 (default fp32)")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, fp16, int8 (default fp32)")
     p.add_argument("--force", action="store_true", help="replace an existing artifacts directory")
 
-    p = sub.add_parser("score", help="score images against a prompt")
+    p = sub.add_parser("score", help="score images against prompts")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--artifacts", type=Path, help="an exported artifacts directory")
     where.add_argument("--model", help="export this model on first use into the user cache (needs [export])")
     p.add_argument("--random-init", action="store_true", help="with --model DIR: RANDOM weights (testing only)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("images", nargs="+", help="image files")
+    work = p.add_mutually_exclusive_group(required=True)
+    work.add_argument("--prompt", help="score IMAGE... (files, directories, globs) against this prompt")
+    work.add_argument("--input", type=Path, help="CSV / JSONL / Parquet with prompt and image (or images) columns")
+    p.add_argument("images", nargs="*", help="image files, directories or globs (with --prompt)")
+    p.add_argument("--output", type=Path, help="write result rows here (.csv, .jsonl or .parquet)")
     _add_runtime_args(p)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--batch-size", type=int, default=None, help="images per vision call (default: per backend)")
+    p.add_argument("--workers", type=int, default=None, help="decode/preprocess threads (default min(4, cores))")
+    p.add_argument("--text-cache", type=Path, default=None, help="SQLite file caching text embeddings across runs")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (with --prompt)")
     p.add_argument("--fast-load", action="store_true", help="check artifact sizes only, skip SHA-256")
+
+    p = sub.add_parser("cache", help="inspect a text-embedding cache file")
+    p.add_argument("action", choices=["stats"])
+    p.add_argument("path", type=Path)
 
     p = sub.add_parser("verify", help="compare the runtime with the PyTorch reference (needs [export])")
     p.add_argument("--artifacts", required=True, type=Path)
     _add_source_args(p, default_model=None)
     p.add_argument("--images", nargs="*", default=[], help="extra images besides the built-in generated set")
     p.add_argument("--backend", default="onnx-cpu")
-    p.add_argument("--precision", default=None)
-    p.add_argument("--json", type=Path, dest="json_out", help="also write the report here")
+    p.add_argument("--precision", default=None, help="one or several (fp32,int8): the reference runs once for all")
+    p.add_argument("--json", type=Path, dest="json_out", help="also write the report (a list for several precisions) here")
 
     p = sub.add_parser("bench", help="benchmark backends side by side on the same inputs")
     p.add_argument("--artifacts", required=True, type=Path)
-    p.add_argument("--backends", default="onnx-fp32", help="comma-separated: torch, onnx-fp32, onnx-fp16, onnx-cuda-fp16")
+    p.add_argument("--backends", default="onnx-fp32",
+                   help="comma-separated: torch, onnx-fp32, onnx-int8, onnx-fp16, onnx-cuda-fp16 (default onnx-fp32)")
     p.add_argument("--batch-sizes", default="1,4,8")
-    p.add_argument("--stages", default="vision,text")
+    p.add_argument("--stages", default="vision,text,text-cached,e2e")
     _add_source_args(p, default_model=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--min-calls", type=int, default=3)
     p.add_argument("--json", type=Path, dest="json_out", help="write rows + machine info here")
     p.add_argument("--markdown", type=Path, help="write a markdown table here")
+    p.add_argument("--plot", type=Path, help="write a PNG chart here (needs matplotlib)")
 
     p = sub.add_parser("info", help="describe an artifacts directory")
     p.add_argument("artifacts", type=Path)
@@ -91,7 +104,12 @@ def cmd_export(args) -> int:
 
 def cmd_score(args) -> int:
     from .scorer import RANDOM_WEIGHTS_BANNER, PickScorer
+    from .work_io import Progress, ResultWriter, count_images, expand_images, read_work, result_rows
 
+    if args.prompt is not None and not args.images:
+        raise PickScoreError("--prompt needs at least one IMAGE (file, directory or glob)")
+    if args.input is not None and args.images:
+        raise PickScoreError("give images either on the command line (with --prompt) or in --input, not both")
     artifacts = args.artifacts
     if artifacts is None:
         from .export_cache import cached_artifacts
@@ -99,16 +117,47 @@ def cmd_score(args) -> int:
         artifacts = cached_artifacts(args.model, args.random_init, args.seed, args.precision or "fp32", progress=_say)
     elif args.random_init:
         raise PickScoreError("--random-init goes with --model; artifacts record their own source")
-    scorer = PickScorer.load(artifacts, backend=args.backend, precision=args.precision,
-                             hash_check="size" if args.fast_load else "full")
+    scorer = PickScorer.load(artifacts, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
+                             hash_check="size" if args.fast_load else "full", text_cache=args.text_cache)
     if scorer.random_weights:
         _say(f"WARNING: {RANDOM_WEIGHTS_BANNER}")
-    result = scorer.score(args.prompt, args.images)
-    if args.json:
-        print(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
+    if args.backend == "auto" or args.precision is None:
+        exact = "" if scorer.backend.precision == "fp32" else " (pass --precision fp32 for exact scores)"
+        _say(f"using {scorer.backend.name}/{scorer.backend.precision}{exact}")
+    if args.input is not None:
+        work = read_work(args.input)
+        total = count_images(args.input)
     else:
-        print(format_table(result))
-    return 1 if any(r.error for r in result.results) else 0
+        images = expand_images(args.images)
+        work, total = iter([(None, args.prompt, images)]), len(images)
+    groups: list = []
+
+    def items():
+        for group, prompt, images in work:
+            groups.append(group)
+            yield prompt, images
+
+    progress = Progress(total)
+    failed = 0
+    writer = ResultWriter(args.output) if args.output else None
+    try:
+        for n, result in enumerate(scorer.score_many(items(), workers=args.workers, on_images_done=progress.update)):
+            failed += sum(1 for r in result.results if r.error) + (1 if result.error and not result.results else 0)
+            if writer:
+                for row in result_rows(result, groups[n]):
+                    writer.write(row)
+            if args.input is None and not args.output:
+                print(json.dumps(result.to_json(), ensure_ascii=False, indent=2) if args.json else format_table(result))
+            elif args.input is not None and not args.output:
+                for row in result_rows(result, groups[n]):
+                    print(json.dumps(row, ensure_ascii=False))
+    finally:
+        progress.close()
+        if writer:
+            writer.close()
+    if failed:
+        _say(f"{failed} item(s) could not be scored; see the error column")
+    return 1 if failed else 0
 
 
 def format_table(result) -> str:
@@ -129,22 +178,23 @@ def cmd_verify(args) -> int:
     from .export_cache import _export_modules
 
     ModelSource, _ = _export_modules()
-    from pickscore_export.verify import verify
+    from pickscore_export.verify import verify_precisions
 
     source = ModelSource(args.model, random_init=args.random_init, seed=args.seed) if args.model else None
-    report = verify(args.artifacts, source, backend=args.backend, precision=args.precision, images=args.images,
-                    progress=_say)
-    text = json.dumps(report, indent=2)
+    precisions = _csv(args.precision) if args.precision else [None]
+    reports = verify_precisions(args.artifacts, precisions, source, backend=args.backend, images=args.images, progress=_say)
+    text = json.dumps(reports[0] if len(reports) == 1 else reports, indent=2)
     print(text)
     if args.json_out:
         args.json_out.write_text(text + "\n")
-    _say(("PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"])) +
-         f" ({report['backend']}/{report['precision']}, {report['n_prompts']} prompts x {report['n_images']} images)")
-    return 0 if report["passed"] else 1
+    for report in reports:
+        _say(("PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"])) +
+             f" ({report['backend']}/{report['precision']}, {report['n_prompts']} prompts x {report['n_images']} images)")
+    return 0 if all(r["passed"] for r in reports) else 1
 
 
 def cmd_bench(args) -> int:
-    from .bench import markdown_table, run_bench
+    from .bench import markdown_table, plot, run_bench
 
     result = run_bench(args.artifacts, _csv(args.backends), [int(b) for b in _csv(args.batch_sizes)], _csv(args.stages),
                        model=args.model, random_init=args.random_init, seed=args.seed, threads=args.threads,
@@ -155,11 +205,23 @@ def cmd_bench(args) -> int:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:
         args.markdown.write_text(table + "\n")
+    if args.plot:
+        plot(result, args.plot)
     return 0
 
 
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_cache(args) -> int:
+    from .text_cache import cache_stats
+
+    try:
+        print(json.dumps(cache_stats(args.path), indent=2))
+    except FileNotFoundError as e:
+        raise PickScoreError(str(e)) from None
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -175,7 +237,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "score": cmd_score, "verify": cmd_verify, "bench": cmd_bench, "info": cmd_info}
+COMMANDS = {"export": cmd_export, "score": cmd_score, "verify": cmd_verify, "bench": cmd_bench, "cache": cmd_cache, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,15 +11,16 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .artifacts import Artifacts
 from .backends import Backend, create_backend
-from .errors import ImageError, PickScoreError
+from .errors import ImageError
 from .images import ImageInput, image_name, open_image
 from .preprocess import PreprocessConfig, Preprocessor
+from .text_cache import TextEmbeddingCache, token_key
 from .tokenizer import ClipTokenizer, check_prompt
 
 log = logging.getLogger("pickscore")
@@ -70,6 +71,7 @@ class PromptResult:
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"prompt": self.prompt, "random_weights": self.random_weights,
+                             "backend": self.backend, "precision": self.precision,
                              "results": [r.to_json() for r in self.results]}
         if self.truncated:
             d["truncated"] = True
@@ -103,26 +105,41 @@ class PickScorer:
     backend: Backend
     tokenizer: ClipTokenizer
     preprocessor: Preprocessor
+    text_cache: TextEmbeddingCache
     apply_exif_orientation: bool = False
 
     @classmethod
     def load(cls, artifacts_dir: str | os.PathLike, backend: str = "auto", precision: str | None = None,
              hash_check: str = "full", threads: int | None = None, batch_size: int | None = None,
-             apply_exif_orientation: bool = False) -> "PickScorer":
-        """Open an exported artifacts directory. hash_check="size" skips SHA-256 (existence and sizes are still checked)."""
+             apply_exif_orientation: bool = False, text_cache: str | os.PathLike | None = None,
+             text_cache_size: int = 4096) -> "PickScorer":
+        """Open an exported artifacts directory.
+
+        hash_check="size" skips SHA-256 (existence and sizes are still checked). text_cache: a SQLite file
+        that keeps text embeddings across runs and processes (an in-memory LRU of text_cache_size is always on).
+        """
         artifacts = Artifacts.load(artifacts_dir, hash_check=hash_check)
-        tok = artifacts.manifest["tokenizer"]
-        scorer = cls(
-            artifacts=artifacts,
-            backend=create_backend(artifacts, backend, precision, threads=threads, max_batch=batch_size),
-            tokenizer=ClipTokenizer(artifacts.tokenizer_file, tok["max_length"], tok["pad_token"]),
-            preprocessor=Preprocessor(PreprocessConfig.from_json(artifacts.manifest["preprocessing"])),
-            apply_exif_orientation=apply_exif_orientation,
-        )
+        engine = create_backend(artifacts, backend, precision, threads=threads, max_batch=batch_size)
+        scorer = cls.from_backend(artifacts, engine, text_cache, text_cache_size, apply_exif_orientation)
         if artifacts.random_weights:
             warnings.warn(f"{RANDOM_WEIGHTS_BANNER} ({artifacts.root})", RandomWeightsWarning, stacklevel=2)
         log.info("loaded %s on %s/%s", artifacts.root, scorer.backend.name, scorer.backend.precision)
         return scorer
+
+    @classmethod
+    def from_backend(cls, artifacts: Artifacts, backend: Backend, text_cache: str | os.PathLike | None = None,
+                     text_cache_size: int = 4096, apply_exif_orientation: bool = False) -> "PickScorer":
+        """A scorer around an already opened backend (benchmarks use this for the torch reference)."""
+        tok = artifacts.manifest["tokenizer"]
+        return cls(
+            artifacts=artifacts,
+            backend=backend,
+            tokenizer=ClipTokenizer(artifacts.tokenizer_file, tok["max_length"], tok["pad_token"]),
+            preprocessor=Preprocessor(PreprocessConfig.from_json(artifacts.manifest["preprocessing"])),
+            text_cache=TextEmbeddingCache(f"{artifacts.fingerprint}:{backend.precision}", artifacts.manifest["dims"]["embed_dim"],
+                                          capacity=text_cache_size, path=text_cache),
+            apply_exif_orientation=apply_exif_orientation,
+        )
 
     @property
     def random_weights(self) -> bool:
@@ -134,81 +151,67 @@ class PickScorer:
         return self._embed_text_and_truncation(prompts)[0]
 
     def _embed_text_and_truncation(self, prompts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """Embeddings through the cache: only prompts whose token ids were never seen reach the tower."""
         prompts = [check_prompt(p, i) for i, p in enumerate(prompts)]
-        embs, truncated = [np.zeros((0, self._dim), np.float32)], []
-        for chunk in _chunks(prompts, self.backend.max_batch):
-            batch = self.tokenizer(chunk)
-            embs.append(self.backend.embed_text(batch.input_ids))
+        embs, truncated = np.empty((len(prompts), self.embed_dim), np.float32), []
+        for start in range(0, len(prompts), 256):
+            batch = self.tokenizer(prompts[start : start + 256])
+            keys = [token_key(row) for row in batch.input_ids]
+            found = self.text_cache.get_many(keys)
+            first_row = {k: i for i, k in reversed(list(enumerate(keys))) if k not in found}
+            for rows in _chunks(list(first_row.values()), self.backend.max_batch):
+                width = max(len(keys[i]) // 4 for i in rows)  # trailing columns are padding for every row
+                computed = self.backend.embed_text(np.ascontiguousarray(batch.input_ids[rows, :width]))
+                fresh = {keys[i]: emb for i, emb in zip(rows, computed)}
+                self.text_cache.put_many(fresh)
+                found.update(fresh)
+            embs[start : start + len(keys)] = [found[k] for k in keys]
             truncated += batch.truncated
-        return np.concatenate(embs), truncated
+        return embs, truncated
 
     def embed_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         """L2-normalised image embeddings [N, D]; raises ImageError (naming the item) for a bad image."""
-        embs, errors = self._embed_images_keep_errors(images)
+        from .pipeline import ScoringPipeline
+
+        embs, errors = ScoringPipeline(self).embed(images)
         if errors:
             raise next(iter(errors.values()))
         return embs
 
     @property
-    def _dim(self) -> int:
+    def embed_dim(self) -> int:
         return int(self.artifacts.manifest["dims"]["embed_dim"])
 
     def _pixels(self, item: ImageInput, name: str) -> np.ndarray:
         return self.preprocessor(open_image(item, name, self.apply_exif_orientation), name)
 
-    def _embed_images_keep_errors(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, dict[int, ImageError]]:
-        """Embeddings [N, D] (rows of failed images are NaN) and the error of each failed index."""
-        embs = np.full((len(images), self._dim), np.nan, dtype=np.float32)
-        errors: dict[int, ImageError] = {}
-        for chunk in _chunks(list(range(len(images))), self.backend.max_batch):
-            good, pixels = [], []
-            for i in chunk:
-                try:
-                    pixels.append(self._pixels(images[i], image_name(images[i], i)))
-                    good.append(i)
-                except ImageError as e:
-                    errors[i] = e
-            if good:
-                embs[good] = self.backend.embed_images(np.stack(pixels))
-        return embs, errors
-
     # ---- scoring ------------------------------------------------------------------------------
     def score(self, prompt: str, images: Sequence[ImageInput]) -> PromptResult:
         """Score one prompt against its images. A bad prompt raises; a bad image is kept as an error row."""
         check_prompt(prompt)
-        return self.score_batch([prompt], [images], _raise_prompt_errors=True)[0]
+        return self.score_batch([prompt], [images])[0]
 
-    def score_batch(self, prompts: Sequence[str], image_lists: Iterable[Sequence[ImageInput]],
-                    _raise_prompt_errors: bool = False) -> list[PromptResult]:
+    def score_batch(self, prompts: Sequence[str], image_lists: Iterable[Sequence[ImageInput]]) -> list[PromptResult]:
         """Score each prompt against its own list of images; errors are kept per prompt and per image."""
         image_lists = list(image_lists)
         if len(image_lists) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(image_lists)} image lists")
-        valid = {}
-        prompt_errors: dict[int, str] = {}
-        for i, p in enumerate(prompts):
-            try:
-                valid[i] = check_prompt(p, i)
-            except PickScoreError as e:
-                if _raise_prompt_errors:
-                    raise
-                prompt_errors[i] = str(e)
-        unique = list(dict.fromkeys(valid.values()))  # identical prompts are embedded once
-        embs, cut = self._embed_text_and_truncation(unique)
-        text, truncated = dict(zip(unique, embs)), dict(zip(unique, cut))
-        results = []
-        for i, (prompt, images) in enumerate(zip(prompts, image_lists)):
-            if i in prompt_errors:
-                names = [image_name(x, j) for j, x in enumerate(images)]
-                results.append(self._result(prompt, [ImageScore(n, error="prompt not scored") for n in names],
-                                            error=prompt_errors[i]))
-                continue
-            results.append(self._score_one(prompt, text[prompt], images, truncated[prompt]))
-        return results
+        return list(self.score_many(zip(prompts, image_lists)))
 
-    def _score_one(self, prompt: str, text_emb: np.ndarray, images: Sequence[ImageInput], truncated: bool) -> PromptResult:
-        embs, errors = self._embed_images_keep_errors(images)
+    def score_many(self, items: Iterable[tuple[str, Sequence[ImageInput]]], batch_size: int | None = None,
+                   workers: int | None = None, on_images_done: Callable[[int], None] | None = None) -> Iterator[PromptResult]:
+        """Stream (prompt, images) work through the pipelined scorer; yields results in input order."""
+        from .pipeline import ScoringPipeline
+
+        return ScoringPipeline(self, batch_size, workers, on_images_done).run(items)
+
+    def _result_for(self, prompt: str, images: Sequence[ImageInput], embs: np.ndarray, errors: dict[int, ImageError],
+                    text_emb: np.ndarray | None, truncated: bool, prompt_error: str | None) -> PromptResult:
         rows = [ImageScore(image_name(x, j)) for j, x in enumerate(images)]
+        if prompt_error is not None:
+            for row in rows:
+                row.error = "prompt not scored"
+            return self._result(prompt, rows, error=prompt_error)
         ok = [j for j in range(len(images)) if j not in errors]
         scores, probs = scores_and_probs(self.artifacts.logit_scale_exp, text_emb, embs[ok])
         for j, s, p, r in zip(ok, scores, probs, ranks_of(scores)):

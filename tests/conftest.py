@@ -4,17 +4,12 @@ built from models/tiny_clip with those files, its exported artifacts, and genera
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from pickscore_models import tiny_clip_config_path
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODEL = Path(os.environ.get("PICKSCORE_SHARED_MODEL_DIR", REPO.parent / "shared" / "models" / "pickscore_v1"))
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "preprocessor_config.json", "vocab.json", "merges.txt")
 
 
 def require_shared_model() -> Path:
@@ -33,11 +28,9 @@ def shared_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, shared_model_dir) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    shutil.copyfile(tiny_clip_config_path(), folder / "config.json")
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(shared_model_dir / name, folder / name)
-    return folder
+    from pickscore_export.tiny import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_clip"), shared_model_dir)
 
 
 @pytest.fixture(scope="session")
