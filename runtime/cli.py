@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import deque
 import logging
 import sys
 import warnings
@@ -130,7 +131,7 @@ def cmd_score(args) -> int:
     else:
         images = expand_images(args.images)
         work, total = iter([(None, args.prompt, images)]), len(images)
-    groups: list = []
+    groups: deque = deque()  # results come back in input order, so each pops its own group
 
     def items():
         for group, prompt, images in work:
@@ -141,15 +142,16 @@ def cmd_score(args) -> int:
     failed = 0
     writer = ResultWriter(args.output) if args.output else None
     try:
-        for n, result in enumerate(scorer.score_many(items(), workers=args.workers, on_images_done=progress.update)):
+        for result in scorer.score_many(items(), workers=args.workers, on_images_done=progress.update):
+            group = groups.popleft()
             failed += sum(1 for r in result.results if r.error) + (1 if result.error and not result.results else 0)
             if writer:
-                for row in result_rows(result, groups[n]):
+                for row in result_rows(result, group):
                     writer.write(row)
             if args.input is None and not args.output:
                 print(json.dumps(result.to_json(), ensure_ascii=False, indent=2) if args.json else format_table(result))
             elif args.input is not None and not args.output:
-                for row in result_rows(result, groups[n]):
+                for row in result_rows(result, group):
                     print(json.dumps(row, ensure_ascii=False))
     finally:
         progress.close()

@@ -7,6 +7,7 @@ get old vectors. A corrupt cache file is moved aside with a warning and rebuilt;
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -15,7 +16,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -107,17 +108,17 @@ class SqliteVectorStore:
         pending[0] += hits
         pending[1] += misses
 
-    def _transaction(self):
-        conn = self._conn
-
-        class _Tx:
-            def __enter__(self_inner):
-                conn.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self_inner, exc_type, *_):
-                conn.execute("ROLLBACK" if exc_type else "COMMIT")
-
-        return _Tx()
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        # IMMEDIATE takes the write lock up front, so concurrent writers queue on busy_timeout
+        # instead of failing at commit.
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     def _flush_stats(self) -> None:
         SqliteVectorStore._write_stats(self._conn, self._pending_stats)

@@ -146,7 +146,6 @@ class ResultWriter:
         if self.fmt == "parquet":
             self._flush_parquet()
             if self._parquet_writer is None:  # no rows at all: still a valid, empty file
-                self._buffer = []
                 import pyarrow as pa
 
                 _parquet().write_table(pa.table({c: [] for c in OUTPUT_COLUMNS}), self.path)
