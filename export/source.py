@@ -3,7 +3,6 @@ from a folder's config.json (for machines without the weights; loudly labelled e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -152,6 +151,3 @@ def read_tokenizer_settings(files: Path, model_max_positions: int) -> dict[str, 
     max_length = min(int(cfg.get("model_max_length", model_max_positions)), model_max_positions)
     return {"max_length": max_length, "pad_token": pad, "padding": "longest", "truncation": True}
 
-
-def source_digest(source: ModelSource) -> str:
-    return hashlib.sha256(json.dumps(source.cache_key(), sort_keys=True, default=str).encode()).hexdigest()[:16]
