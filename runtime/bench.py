@@ -68,14 +68,25 @@ class PeakRss:
         self.peak = max(self.peak, _rss_mb())
 
 
-def time_calls(fn: Callable[[], object], min_calls: int, min_seconds: float) -> list[float]:
-    """Seconds per call after one warm-up call; at least min_calls calls and min_seconds in total."""
-    fn()
-    times: list[float] = []
-    while len(times) < min_calls or sum(times) < min_seconds:
-        t0 = time.perf_counter()
+def time_calls(fns: Sequence[Callable[[], object]], min_calls: int, min_seconds: float) -> list[list[float]]:
+    """Seconds per call of each fn, after one warm-up call each, timed in round-robin rounds; a fn
+    leaves the rounds once it has at least min_calls calls and min_seconds in total. Interleaving
+    makes a slow drift in the machine's speed (a busy neighbour, clock changes) hit every fn alike,
+    so their ratios stay honest."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
+    times: list[list[float]] = [[] for _ in fns]
+
+    def wants_more(t: list[float]) -> bool:
+        return len(t) < min_calls or sum(t) < min_seconds
+
+    while any(wants_more(t) for t in times):
+        for fn, t in zip(fns, times):
+            if not wants_more(t):
+                continue
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
     return times
 
 
@@ -87,7 +98,6 @@ def row_from_times(backend: Backend, stage: str, batch: int, items_per_call: int
 
 def open_backends(artifacts: Artifacts, names: Sequence[str], model: str | None, random_init: bool, seed: int,
                   threads: int | None) -> Iterator[Backend]:
-    """Yield one backend at a time, so only one set of weights is in memory while it is measured."""
     for name in names:
         if name == "torch":
             from .export_cache import _export_modules
@@ -143,25 +153,36 @@ def stage_call(scorer: PickScorer, stage: str, batch: int, inputs: BenchInputs) 
 def run_bench(artifacts_dir: str | Path, backends: Sequence[str], batch_sizes: Sequence[int],
               stages: Sequence[str] = STAGES, model: str | None = None, random_init: bool = False, seed: int = 0,
               threads: int | None = None, min_calls: int = 3, min_seconds: float = 2.0, n_jpegs: int | None = None,
-              progress: Callable[[str], None] = print) -> dict:
+              interleave: bool = True, progress: Callable[[str], None] = print) -> dict:
+    """interleave=True: every backend is open at once, and for each batch size every (backend, stage)
+    is timed in the same rounds, so backend-vs-backend and e2e-vs-vision ratios hold on a machine
+    whose speed drifts; peak_rss_mb is then the whole process's. interleave=False: one backend in
+    memory at a time, one (stage, batch) after another, so peak_rss_mb is per backend."""
     artifacts = Artifacts.load(artifacts_dir, hash_check="size")
     n_jpegs = n_jpegs or 2 * max(batch_sizes)
     rows: list[Row] = []
+    groups = [list(backends)] if interleave else [[name] for name in backends]
     with tempfile.TemporaryDirectory(prefix="pickscore-bench-") as tmp:
         inputs = None
-        for backend in open_backends(artifacts, backends, model, random_init, seed, threads):
-            scorer = PickScorer.from_backend(artifacts, backend)
-            inputs = inputs or bench_inputs(scorer, max(batch_sizes), Path(tmp), n_jpegs)
-            for stage in stages:
-                for b in batch_sizes:
-                    call, items = stage_call(scorer, stage, b, inputs)
+        for group in groups:
+            scorers = [PickScorer.from_backend(artifacts, b)
+                       for b in open_backends(artifacts, group, model, random_init, seed, threads)]
+            inputs = inputs or bench_inputs(scorers[0], max(batch_sizes), Path(tmp), n_jpegs)
+            for b in batch_sizes:
+                cells = [(scorer, stage) for stage in stages for scorer in scorers]
+                blocks = [cells] if interleave else [[cell] for cell in cells]
+                for block in blocks:
+                    calls = [stage_call(scorer, stage, b, inputs) for scorer, stage in block]
                     with PeakRss() as rss:
-                        times = time_calls(call, min_calls, min_seconds)
-                    rows.append(row_from_times(backend, stage, b, items, times, rss.peak))
-                    progress(json.dumps(asdict(rows[-1])))
-            del scorer, backend
+                        times = time_calls([call for call, _ in calls], min_calls, min_seconds)
+                    for (scorer, stage), (_, items), t in zip(block, calls, times):
+                        rows.append(row_from_times(scorer.backend, stage, b, items, t, rss.peak))
+                        progress(json.dumps(asdict(rows[-1])))
+            del scorers
+    engines = list(dict.fromkeys((r.backend, r.precision) for r in rows))  # in --backends order
+    rows.sort(key=lambda r: (engines.index((r.backend, r.precision)), STAGES.index(r.stage), r.batch_size))
     return {"machine": machine_info(threads), "artifacts": str(artifacts_dir), "random_weights": artifacts.random_weights,
-            "n_jpegs_e2e": n_jpegs, "rows": [asdict(r) for r in rows]}
+            "interleaved": interleave, "n_jpegs_e2e": n_jpegs, "rows": [asdict(r) for r in rows]}
 
 
 def machine_info(threads: int | None) -> dict:

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_args(p, default_model=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--min-calls", type=int, default=3)
+    p.add_argument("--sequential", action="store_true",
+                   help="open one backend at a time (per-backend peak memory) instead of timing all of them in "
+                        "interleaved rounds (honest ratios on a machine whose speed drifts; the default)")
     p.add_argument("--json", type=Path, dest="json_out", help="write rows + machine info here")
     p.add_argument("--markdown", type=Path, help="write a markdown table here")
     p.add_argument("--plot", type=Path, help="write a PNG chart here (needs matplotlib)")
@@ -200,7 +203,7 @@ def cmd_bench(args) -> int:
 
     result = run_bench(args.artifacts, _csv(args.backends), [int(b) for b in _csv(args.batch_sizes)], _csv(args.stages),
                        model=args.model, random_init=args.random_init, seed=args.seed, threads=args.threads,
-                       min_calls=args.min_calls, progress=_say)
+                       min_calls=args.min_calls, interleave=not args.sequential, progress=_say)
     table = markdown_table(result)
     print(table)
     if args.json_out:
