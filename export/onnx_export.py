@@ -59,7 +59,7 @@ def reorder_erf_gelu(path: Path) -> int:
     """Rewrite the exporter's GELU, x * (0.5 * (1 + erf(x / sqrt2))), as (x * (1 + erf(x / sqrt2))) * 0.5.
 
     ONNX Runtime's GeluFusion knows the second order but not the first, so the exporter's GELU ran as
-    five unfused ops (measured: fp32 vision tower 3 % faster fused; benchmarks/QUANTIZATION.md). Bitwise
+    five unfused ops (~5.5 % of the int8 vision tower's kernel time; fused, 2.2 %: benchmarks/QUANTIZATION.md). Bitwise
     exact before fusion: scaling by 0.5 is exact in binary floating point. Only the graph is rewritten;
     the external weights file is untouched.
     Returns how many GELUs were reordered.
