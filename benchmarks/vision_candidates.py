@@ -18,6 +18,7 @@ import numpy as np
 
 from pickscore_export.samples import write_images
 from pickscore_runtime.artifacts import Artifacts
+from pickscore_runtime.backends.onnxruntime import session_options
 from pickscore_runtime.bench import time_calls
 from pickscore_runtime.images import open_image
 from pickscore_runtime.preprocess import PreprocessConfig, Preprocessor
@@ -43,10 +44,7 @@ def verify_pixels(artifacts: Artifacts, folder: Path) -> np.ndarray:
 def ort_runner(path: Path) -> Runner:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as the runtime runs it
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])  # as the runtime runs it
     return lambda pixels: session.run(None, {"pixel_values": pixels})[0]
 
 

@@ -71,7 +71,7 @@ def reorder_erf_gelu(path: Path) -> int:
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     constants = {t.name: t for t in graph.initializer if not t.external_data}
-    constants.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute})
+    constants.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
 
     def scalar(name: str) -> float | None:
         t = constants.get(name)
@@ -168,14 +168,17 @@ INT8_TOWERS = ("vision",)
 INT8_SKIPPED_NOTE = "fp32 (the text tower is not quantised: see INT8_TOWERS in export/onnx_export.py)"
 
 
-def quantize_int8(src: Path, dst: Path, per_channel: bool = False) -> None:
-    # per_channel=False: on the full architecture per-tensor scales gave min image cosine 0.99979 vs
-    # 0.99945 per-channel at no speed cost (benchmarks/QUANTIZATION.md). Trained weights with outlier
-    # channels may favour per-channel: re-measure with `pickscore verify --precision int8` when they can be had.
+def quantize_int8(src: Path, dst: Path, per_channel: bool = False, attention_matmuls: bool = False) -> None:
+    # The defaults are what ships. per_channel=False: as fast as per-channel and the more accurate one
+    # on AVX2 CPUs (min image cosine 0.99979 vs 0.99945), a little less accurate on VNNI CPUs (0.99976 vs
+    # 0.99985): benchmarks/QUANTIZATION.md. Trained weights with outlier channels may favour
+    # per-channel: re-measure with `pickscore verify --precision int8` when they can be had.
+    # attention_matmuls=False: attention's activation x activation matmuls stay fp32; quantising them
+    # measured no speed difference beyond noise.
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
         str(src), str(dst), op_types_to_quantize=INT8_OPS, per_channel=per_channel, weight_type=QuantType.QInt8,
         use_external_data_format=False,  # int8 towers are < 1 GB: one self-contained file
-        extra_options={"MatMulConstBOnly": True},  # attention's activation x activation matmuls stay fp32
+        extra_options={"MatMulConstBOnly": not attention_matmuls},
     )

@@ -24,6 +24,17 @@ def available_providers() -> list[str]:
     return onnxruntime.get_available_providers()
 
 
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or int(os.environ.get("PICKSCORE_THREADS", 0)) or 0
+    # ORT's own graph fusions are on; `pickscore verify` gates exactly this session configuration.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
 class OnnxRuntimeBackend:
     def __init__(self, artifacts: Artifacts, name: str, precision: str, threads: int | None = None,
                  max_batch: int | None = None):
@@ -39,11 +50,7 @@ class OnnxRuntimeBackend:
         self.name, self.precision = name, precision
         self.max_batch = max_batch or DEFAULT_MAX_BATCH[name]
         self._specs = artifacts.specs()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or int(os.environ.get("PICKSCORE_THREADS", 0)) or 0
-        # ORT's own graph fusions are on; `pickscore verify` gates exactly this session configuration.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options = session_options(threads)
         self._sessions = {
             tower: ort.InferenceSession(str(artifacts.tower_file(tower, precision)), options, providers=PROVIDERS[name])
             for tower in ("text", "vision")
