@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pytest
 
-SHARED_MODEL = Path(os.environ.get("PICKSCORE_SHARED_MODEL_DIR",
-                                   Path(__file__).resolve().parents[2] / "shared" / "models" / "pickscore_v1"))
-
 
 @pytest.fixture(scope="session")
 def bench_artifacts(tmp_path_factory) -> Path:
@@ -19,16 +16,16 @@ def bench_artifacts(tmp_path_factory) -> Path:
         return Path(os.environ["PICKSCORE_BENCH_ARTIFACTS"])
     from pickscore_export.build import export_artifacts
     from pickscore_export.source import ModelSource
-    from pickscore_export.tiny import make_tiny_model_dir
+    from pickscore_export.tiny import make_tiny_model_dir, shared_model_dir
 
-    folder = make_tiny_model_dir(tmp_path_factory.mktemp("tiny"), SHARED_MODEL)
+    folder = make_tiny_model_dir(tmp_path_factory.mktemp("tiny"), shared_model_dir())
     return export_artifacts(ModelSource(str(folder), random_init=True), tmp_path_factory.mktemp("a") / "art", ["fp32", "int8"])
 
 
 @pytest.fixture(scope="session", params=["fp32", "int8"])
 def scorer(request, bench_artifacts):
-    from pickscore_runtime import PickScorer
+    from pickscore_runtime import PickScorer, RandomWeightsWarning
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", RandomWeightsWarning)
         return PickScorer.load(bench_artifacts, backend="onnx-cpu", precision=request.param, hash_check="size")

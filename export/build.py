@@ -7,18 +7,18 @@ import platform
 import shutil
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pickscore_runtime.artifacts import file_entry, staged_directory, write_manifest
+from pickscore_runtime.artifacts import export_lock, file_entry, is_artifacts_dir, package_versions, staged_directory, write_manifest
+from pickscore_runtime.backends.torch_backend import tower_module
 from pickscore_runtime.errors import PickScoreError
 from pickscore_runtime.preprocess import PreprocessConfig
+from pickscore_runtime.tokenizer import ClipTokenizer
 from pickscore_runtime.towers import TOWERS, tower_specs
 
 from . import onnx_export
 from .source import ModelSource, load_clip, read_preprocessing, read_tokenizer_settings, tokenizer_files
-from .torch_towers import tower_module
 
 log = logging.getLogger("pickscore")
 
@@ -38,15 +38,8 @@ def parse_precisions(text: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def package_versions() -> dict[str, str]:
-    names = ["pickscore-runtime", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers", "pillow", "numpy"]
-    versions = {"python": platform.python_version()}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+MANIFEST_PACKAGES = ("pickscore-runtime", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers",
+                     "pillow", "numpy")
 
 
 def model_dims(config) -> dict[str, int]:
@@ -60,56 +53,70 @@ def model_dims(config) -> dict[str, int]:
 
 
 def export_artifacts(source: ModelSource, out_dir: str | Path, precisions: Sequence[str] = ("fp32",),
-                     force: bool = False, opset: int = onnx_export.OPSET,
-                     progress: Callable[[str], None] = log.info) -> Path:
-    """Export `source` into `out_dir` atomically; returns the directory."""
+                     force: bool = False, opset: int = onnx_export.OPSET, wait: bool = False,
+                     reuse_existing: bool = False, progress: Callable[[str], None] = log.info) -> Path:
+    """Export `source` into `out_dir` atomically; returns the directory.
+
+    Only one export writes a target at a time: a second is refused, or with wait=True waits its turn.
+    reuse_existing=True returns a target that already holds artifacts (another process may have
+    exported them while this one waited) instead of exporting again.
+    """
     precisions = parse_precisions(precisions)
+    out_dir = Path(out_dir)
+    with export_lock(out_dir).acquire(wait=wait):
+        if reuse_existing and is_artifacts_dir(out_dir):
+            return out_dir
+        with staged_directory(out_dir, overwrite=force) as stage:
+            _export_into(stage, source, precisions, opset, progress)
+    return out_dir
+
+
+def _export_into(stage: Path, source: ModelSource, precisions: list[str], opset: int, progress: Callable[[str], None]) -> None:
     started = time.perf_counter()
     progress(f"loading model {source.model}" + (f" with RANDOM weights (seed {source.seed})" if source.random_init else ""))
     clip = load_clip(source)  # first: missing weights is the error a user most needs to see
     files = tokenizer_files(source)
     preprocessing = PreprocessConfig.from_json(read_preprocessing(files)).to_json()
+    tokenizer_settings = read_tokenizer_settings(files, clip.config.text_config.max_position_embeddings)
+    tokenizer = ClipTokenizer(files / "tokenizer.json", tokenizer_settings["max_length"], tokenizer_settings["pad_token"])
     dims = model_dims(clip.config)
     specs = tower_specs(dims["embed_dim"], dims["image_size"])
-    out_dir = Path(out_dir)
-    with staged_directory(out_dir, overwrite=force) as stage:
-        shutil.copyfile(files / "tokenizer.json", stage / "tokenizer.json")
-        towers = {}
-        for tower in TOWERS:
-            spec = specs[tower]
-            fp32 = stage / f"{tower}.fp32.onnx"
-            t0 = time.perf_counter()
-            progress(f"exporting {tower} tower (fp32, opset {opset})")
-            onnx_export.export_fp32(tower_module(clip, tower), spec, fp32, opset)
-            derive = {"fp16": lambda dst: onnx_export.convert_fp16(fp32, dst, spec),
-                      "int8": lambda dst: onnx_export.quantize_int8(fp32, dst)}
-            variants = {}
-            for precision in precisions:
-                if precision == "int8" and tower not in onnx_export.INT8_TOWERS:
-                    variants[precision] = _variant(fp32, stage, opset, onnx_export.INT8_SKIPPED_NOTE)
-                    continue
-                path = stage / f"{tower}.{precision}.onnx"
-                if precision != "fp32":
-                    progress(f"deriving {tower} tower {precision} from fp32")
-                    derive[precision](path)
-                variants[precision] = _variant(path, stage, opset, NUMERICS[precision])
-            if not any(v["files"][0]["path"] == fp32.name for v in variants.values()):
-                _remove_with_data(fp32)
-            towers[tower] = {"io": spec.to_json(), "precisions": variants}
-            progress(f"{tower} tower done in {time.perf_counter() - t0:.0f} s")
-        write_manifest(stage, {
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {"name": "pickscore_v1", "random_weights": source.random_init, "source": source.describe()},
-            "dims": dims,
-            "logit_scale": float(clip.logit_scale.item()),
-            "preprocessing": preprocessing,
-            "tokenizer": {**file_entry(stage / "tokenizer.json", stage),
-                          **read_tokenizer_settings(files, dims["max_text_length"])},
-            "towers": towers,
-            "packages": package_versions(),
-        })
-    progress(f"exported {', '.join(precisions)} to {out_dir} in {time.perf_counter() - started:.0f} s")
-    return out_dir
+    shutil.copyfile(files / "tokenizer.json", stage / "tokenizer.json")
+    towers = {}
+    for tower in TOWERS:
+        spec = specs[tower]
+        fp32 = stage / f"{tower}.fp32.onnx"
+        t0 = time.perf_counter()
+        progress(f"exporting {tower} tower (fp32, opset {opset})")
+        onnx_export.export_fp32(tower_module(clip, tower), spec, fp32, opset, (tokenizer.bos_id, tokenizer.eos_id))
+        derive = {"fp16": lambda dst: onnx_export.convert_fp16(fp32, dst, spec),
+                  "int8": lambda dst: onnx_export.quantize_int8(fp32, dst)}
+        variants = {}
+        for precision in precisions:
+            if precision == "int8" and tower not in onnx_export.INT8_TOWERS:
+                variants[precision] = _variant(fp32, stage, opset, onnx_export.INT8_SKIPPED_NOTE)
+                continue
+            path = stage / f"{tower}.{precision}.onnx"
+            if precision != "fp32":
+                progress(f"deriving {tower} tower {precision} from fp32")
+                derive[precision](path)
+            variants[precision] = _variant(path, stage, opset, NUMERICS[precision])
+        if not any(v["files"][0]["path"] == fp32.name for v in variants.values()):
+            _remove_with_data(fp32)
+        towers[tower] = {"io": spec.to_json(), "precisions": variants}
+        progress(f"{tower} tower done in {time.perf_counter() - t0:.0f} s")
+    write_manifest(stage, {
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": "pickscore_v1", "random_weights": source.random_init, "source": source.describe()},
+        "dims": dims,
+        "logit_scale": float(clip.logit_scale.item()),
+        "preprocessing": preprocessing,
+        "tokenizer": {**file_entry(stage / "tokenizer.json", stage), **tokenizer_settings},
+        "towers": towers,
+        "packages": {"python": platform.python_version(),
+                     **{k: v for k, v in package_versions(MANIFEST_PACKAGES).items() if v is not None}},
+    })
+    progress(f"exported {', '.join(precisions)} in {time.perf_counter() - started:.0f} s")
 
 
 def _variant(onnx_path: Path, root: Path, opset: int, numerics: str) -> dict:

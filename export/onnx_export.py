@@ -22,29 +22,32 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 FP16_KEEP_FP32_OPS = ["LayerNormalization", "Softmax", "ReduceL2", "ReduceMean", "ReduceSum", "Pow", "Sqrt"]
 
 
-def example_input(spec: TowerSpec, batch: int = 2, sequence: int = 7):
+def example_input(spec: TowerSpec, special_ids: tuple[int, int], batch: int = 2, sequence: int = 7):
+    """A deterministic input for tracing; text gets <|startoftext|> a few tokens <|endoftext|> (special_ids),
+    a realistic prompt, so export sees the pooling path."""
     import torch
 
     shape = [{"batch": batch, "sequence": sequence}.get(d, d) if isinstance(d, str) else d for d in spec.input.shape]
     if spec.input.dtype == "int64":
-        # <|startoftext|> a few tokens <|endoftext|>: a realistic prompt so export sees the pooling path
-        ids = torch.randint(1, 49000, shape, generator=torch.Generator().manual_seed(0))
-        ids[:, 0], ids[:, -1] = 49406, 49407
+        bos, eos = special_ids
+        ids = torch.randint(1, min(bos, eos), shape, generator=torch.Generator().manual_seed(0))
+        ids[:, 0], ids[:, -1] = bos, eos
         return ids
     return torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
-def export_fp32(module, spec: TowerSpec, path: Path, opset: int = OPSET) -> None:
+def export_fp32(module, spec: TowerSpec, path: Path, opset: int, special_ids: tuple[int, int]) -> None:
     """Export one tower. Dynamic axes come from the spec; weights go external only when they must."""
     import torch
 
     # torch.onnx warns about every torchvision op it cannot register; CLIP uses none of them.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in DYNAMIC_AXES.items()}
-    dynamic = {t.name: {axis: dims[name] for axis, name in t.dynamic_axes().items()} for t in spec.inputs}
+    # positional, one per input: the tower's forward names its argument x, the graph names it after the spec
+    dynamic = tuple({axis: dims[name] for axis, name in t.dynamic_axes().items()} for t in spec.inputs)
     with torch.no_grad():
         program = torch.onnx.export(
-            module, (example_input(spec),), dynamo=True, opset_version=opset,
+            module, (example_input(spec, special_ids),), dynamo=True, opset_version=opset,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
             dynamic_shapes=dynamic, verbose=False,
         )

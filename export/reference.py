@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .source import ModelSource, load_clip, tokenizer_files
-from .torch_towers import features
+from pickscore_runtime.backends.torch_backend import features
 
+from .source import ModelSource, load_clip, tokenizer_files
 
 class Reference:
     def __init__(self, source: ModelSource, model=None):

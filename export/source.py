@@ -10,13 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from pickscore_models import model_info
-from pickscore_runtime.errors import ModelSourceError
+from pickscore_runtime.artifacts import sha256_file
+from pickscore_runtime.errors import PickScoreError
 
 log = logging.getLogger("pickscore")
 
+# What the runtime and the reference read; the slow tokenizer's files come along when present.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json")
+SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 KNOWN = model_info("pickscore_v1")
+
+
+class ModelSourceError(PickScoreError):
+    """The model (weights, config or tokenizer files) cannot be loaded from the given source."""
 
 
 @dataclass(frozen=True)
@@ -39,15 +46,24 @@ class ModelSource:
         if local is not None:
             d["kind"] = "local"
             d["path"] = str(local.resolve())
-            d["config_sha256"] = _sha256(local / "config.json")
+            d["config_sha256"] = sha256_file(local / "config.json")
             if not self.random_init:
-                d["weights_sha256"] = {p.name: _sha256(p) for p in _weight_files(local)}
+                d["weights_sha256"] = {p.name: sha256_file(p) for p in _weight_files(local)}
         else:
             d["kind"] = "hub"
             d["revision"] = self.revision or "main"
         if self.random_init:
             d["random_init"] = {"seed": self.seed, "logit_scale": KNOWN["logit_scale"]}
         return d
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> "ModelSource":
+        """The source an artifacts directory was exported from, as its manifest records it."""
+        src = manifest["model"]["source"]
+        random = src.get("random_init")
+        return cls(model=src.get("path") or src["model"], random_init=bool(random),
+                   seed=int(random["seed"]) if random else 0,
+                   revision=src.get("revision") if src.get("kind") == "hub" else None)
 
     def cache_key(self) -> dict[str, Any]:
         """Cheap identity for the user export cache (no hashing of gigabytes of weights)."""
@@ -58,12 +74,6 @@ class ModelSource:
             key["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                                   for p in [local / "config.json", *_weight_files(local)] if p.exists())
         return key
-
-
-def _sha256(path: Path) -> str:
-    from pickscore_runtime.artifacts import sha256_file
-
-    return sha256_file(path)
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -16,22 +16,13 @@ from pickscore_models import model_info
 from pickscore_runtime import PickScorer
 from pickscore_runtime.errors import PickScoreError
 from pickscore_runtime.images import image_name, open_image
-from pickscore_runtime.scorer import scores_and_probs
+from pickscore_runtime.results import scores_and_probs
 
 from .reference import Reference
 from .samples import PROMPTS, write_images
 from .source import ModelSource
 
 log = logging.getLogger("pickscore")
-
-
-def source_from_manifest(manifest: dict[str, Any]) -> ModelSource:
-    src = manifest["model"]["source"]
-    random = src.get("random_init")
-    return ModelSource(
-        model=src.get("path") or src["model"], random_init=bool(random), seed=int(random["seed"]) if random else 0,
-        revision=src.get("revision") if src.get("kind") == "hub" else None,
-    )
 
 
 def check_same_model(given: ModelSource, exported: ModelSource) -> None:
@@ -68,7 +59,7 @@ def verify_precisions(artifacts_dir: str | Path, precisions: Sequence[str | None
             progress(f"runtime ({precision or 'default precision'}): {len(prompts)} prompts x {len(paths)} images")
             t0 = time.perf_counter()
             scorer = PickScorer.load(artifacts_dir, backend=backend, precision=precision)
-            exported = source_from_manifest(scorer.artifacts.manifest)
+            exported = ModelSource.from_manifest(scorer.artifacts.manifest)
             source = source or exported
             check_same_model(source, exported)
             runs.append({
@@ -77,6 +68,7 @@ def verify_precisions(artifacts_dir: str | Path, precisions: Sequence[str | None
                 "backend": scorer.backend.name, "precision": scorer.backend.precision,
                 "seconds": time.perf_counter() - t0,
             })
+            scorer.close()
             del scorer
             gc.collect()
 

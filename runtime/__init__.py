@@ -1,16 +1,20 @@
-"""PickScore lean runtime: tokenizer, preprocessing, backends and scorer. Imports neither torch nor transformers."""
+"""PickScore lean runtime: tokenizer, preprocessing, backends, stages and the scorer facade.
 
-from .errors import ArtifactError, BackendUnavailableError, ImageError, PickScoreError, PromptError
-from .scorer import ImageScore, PickScorer, PromptResult
+Imports neither torch nor transformers (nor ray, tensorrt or a server framework) unless the feature
+that needs them is used.
+"""
+
+from .errors import (ArtifactError, BackendUnavailableError, ImageError, InputError, MissingExtraError, PickScoreError,
+                     PromptError)
+from .image_preparer import ImagePreparer, PreparedImage
+from .pipeline import ScoringPipeline, WorkItem
+from .results import ImageScore, PromptResult, RandomWeightsWarning, ResultAssembler
+from .scorer import PickScorer
+from .text_encoder import EncodedPrompts, TextEncoder
 
 __all__ = [
-    "ArtifactError",
-    "BackendUnavailableError",
-    "ImageError",
-    "ImageScore",
-    "PickScoreError",
-    "PickScorer",
-    "PromptError",
-    "PromptResult",
+    "ArtifactError", "BackendUnavailableError", "EncodedPrompts", "ImageError", "ImagePreparer", "ImageScore",
+    "InputError", "MissingExtraError", "PickScoreError", "PickScorer", "PreparedImage", "PromptError", "PromptResult",
+    "RandomWeightsWarning", "ResultAssembler", "ScoringPipeline", "TextEncoder", "WorkItem",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -14,12 +14,15 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from .errors import ArtifactError
+from .locks import FileLock
+from .preprocess import PreprocessConfig
 from .towers import TOWERS, TowerSpec, tower_specs
 
 MANIFEST = "manifest.json"
@@ -41,18 +44,42 @@ def file_entry(path: Path, root: Path) -> dict[str, Any]:
     return {"path": path.relative_to(root).as_posix(), "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def is_artifacts_dir(path: Path) -> bool:
+    """Whether `path` holds one of our manifests (what `--force` is allowed to replace)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def export_lock(target: Path) -> FileLock:
+    """The lock every writer of `target` takes; it lives beside the target, so it survives replacing it."""
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(target.parent / f".{target.name}.lock", f"artifacts directory {target}")
+
+
 @contextlib.contextmanager
 def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temp dir beside `target`; on success it replaces `target` by rename.
+    """Yield an empty temp dir beside `target`; on success it replaces `target` by rename. The caller
+    holds `export_lock(target)`.
 
-    A crash or exception leaves `target` untouched (absent, or the previous complete version):
-    a half-written export is never loadable because it never carries the target's name.
+    A crash or exception leaves `target` untouched (absent, or the previous complete version): a
+    half-written export is never loadable because it never carries the target's name. Staging
+    directories left by a killed export of this target are removed (the lock says none is live).
+    overwrite=True replaces only an artifacts directory (or an empty one).
     """
     target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        if not target.is_dir() or any(target.iterdir()):
-            raise ArtifactError(f"{target} already exists and is not empty (pass --force to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in list(target.parent.glob(f".{target.name}.staging-*")) + list(target.parent.glob(f".{target.name}.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        if not overwrite:
+            raise ArtifactError(f"{target} already exists and is not empty (pass --force to replace an artifacts directory)")
+        if not is_artifacts_dir(target):
+            raise ArtifactError(f"{target} is not a PickScore artifacts directory (no manifest of ours), so --force "
+                                "will not replace it; choose another --out, or remove it yourself")
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
         umask = os.umask(0)
@@ -69,6 +96,17 @@ def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """Installed versions (None when absent), for manifests and cache keys."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 @dataclass(frozen=True)
@@ -101,9 +139,7 @@ class Artifacts:
                 f"{manifest_path} has format_version {version!r}; this runtime reads version {FORMAT_VERSION}. "
                 "Re-export with this version of the package, or install the version that wrote it."
             )
-        for key in ("model", "dims", "logit_scale", "preprocessing", "tokenizer", "towers"):
-            if key not in manifest:
-                raise ArtifactError(f"{manifest_path} lacks the {key!r} section")
+        _check_structure(manifest, manifest_path)
         artifacts = cls(root, manifest)
         for entry in artifacts._all_file_entries():
             artifacts._check_file(entry, hash_check)
@@ -154,7 +190,8 @@ class Artifacts:
         dims = self.manifest["dims"]
         return tower_specs(dims["embed_dim"], dims["image_size"])
 
-    def tower_file(self, tower: str, precision: str) -> Path:
+    def tower_file(self, tower: str, precision: str, fmt: str = "onnx") -> Path:
+        """The model file of one tower variant (its weights may sit in a sibling external-data file)."""
         try:
             variant = self.manifest["towers"][tower]["precisions"][precision]
         except KeyError:
@@ -162,7 +199,15 @@ class Artifacts:
                 f"{self.root} has no {precision} {tower} tower (has: {', '.join(self.precisions) or 'none'}); "
                 f"export it with `pickscore export --precision {precision}`"
             ) from None
-        return self.root / variant["files"][0]["path"]
+        if variant.get("format", "onnx") != fmt:
+            raise ArtifactError(f"{self.root}: the {precision} {tower} tower is {variant.get('format')!r}, not {fmt!r}")
+        return self.root / next(f["path"] for f in variant["files"] if f["path"].endswith(f".{fmt}"))
+
+    def tower_sha256(self, tower: str, precision: str, fmt: str = "onnx") -> str:
+        """The SHA-256 of `tower_file` as the manifest records it (what engines are keyed on)."""
+        name = self.tower_file(tower, precision, fmt).relative_to(self.root).as_posix()
+        variant = self.manifest["towers"][tower]["precisions"][precision]
+        return next(f["sha256"] for f in variant["files"] if f["path"] == name)
 
     @property
     def tokenizer_file(self) -> Path:
@@ -173,6 +218,50 @@ class Artifacts:
         """Identifies the weights + tokenizer: changes whenever any tower or tokenizer file changes."""
         hashes = sorted(e["sha256"] for e in self._all_file_entries())
         return hashlib.sha256(json.dumps([hashes, self.manifest["logit_scale"]]).encode()).hexdigest()[:16]
+
+
+def _check_structure(manifest: dict[str, Any], where: Path) -> None:
+    """Every field the runtime reads has the type it expects; an ArtifactError names the first that does not."""
+    def fail(what: str) -> None:
+        raise ArtifactError(f"{where} is malformed: {what} (re-run `pickscore export`)")
+
+    for key, kind in (("model", dict), ("dims", dict), ("logit_scale", (int, float)), ("preprocessing", dict),
+                      ("tokenizer", dict), ("towers", dict)):
+        if key not in manifest:
+            raise ArtifactError(f"{where} lacks the {key!r} section")
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            fail(f"{key!r} is {type(manifest[key]).__name__}")
+    if not math.isfinite(manifest["logit_scale"]):
+        fail(f"logit_scale is {manifest['logit_scale']}")
+    for key in ("embed_dim", "image_size"):
+        if not isinstance(manifest["dims"].get(key), int) or manifest["dims"][key] < 1:
+            fail(f"dims.{key} is {manifest['dims'].get(key)!r}")
+    if not isinstance(manifest["model"].get("source"), dict):
+        fail("model.source is missing")
+    try:
+        PreprocessConfig.from_json(manifest["preprocessing"])
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"preprocessing: {type(e).__name__} {e}")
+    entries = [("tokenizer", manifest["tokenizer"])]
+    for key in ("max_length", "pad_token"):
+        if key not in manifest["tokenizer"]:
+            fail(f"tokenizer.{key} is missing")
+    for tower, section in manifest["towers"].items():
+        variants = section.get("precisions") if isinstance(section, dict) else None
+        if not isinstance(variants, dict):
+            fail(f"towers.{tower}.precisions is missing")
+        for precision, variant in variants.items():
+            files = variant.get("files") if isinstance(variant, dict) else None
+            if not isinstance(files, list) or not files:
+                fail(f"towers.{tower}.precisions.{precision}.files is missing")
+            entries += [(f"towers.{tower}.{precision}", f) for f in files]
+    for label, entry in entries:
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("size"), int)
+                and isinstance(entry.get("sha256"), str)):
+            fail(f"{label} has a file entry without path, size and sha256")
+        path = PurePosixPath(entry["path"])
+        if path.is_absolute() or ".." in path.parts:
+            fail(f"{label} names {entry['path']!r}, outside the artifacts directory")
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:

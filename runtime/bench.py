@@ -1,8 +1,10 @@
 """`pickscore bench`: every backend measured side by side in one process, on the same inputs, as
-comparable rows {backend, precision, stage, batch_size, items_per_s, p50_ms, p95_ms, peak_rss_mb}.
+comparable rows {backend, precision, device, stage, batch_size, items_per_s, p50_ms, p95_ms, peak_rss_mb}.
 
-Backends are named "<engine>-<precision>" (onnx-fp32, onnx-cuda-fp16, ...) or "torch" (the model
-card's PyTorch code, from the [export] extra; its weights come from --model or the artifacts' source).
+Backends are (registry name, precision) pairs: `torch:fp32` is the model card's PyTorch code,
+`torch:bf16` the same under CPU autocast, `onnx-cpu:int8` the runtime's fast CPU path. Each backend is
+timed with its own clock, which waits for the device before reading the time (timm's
+`cuda_timestamp` idea), so GPU numbers are not launch times.
 """
 
 from __future__ import annotations
@@ -15,28 +17,45 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from .artifacts import Artifacts
 from .backends import Backend, create_backend
-from .samples_light import bench_images, bench_prompts
+from .optional import require
 from .scorer import PickScorer
 
 STAGES = ("vision", "text", "text-cached", "e2e")
+BENCH_PROMPTS = [
+    "a photo of an astronaut riding a horse on mars",
+    "a cozy cabin in the snowy mountains at dusk, warm light in the windows, highly detailed",
+    "oil painting of a cat in the style of van gogh",
+    "minimalist logo, red circle on a white background",
+]
 
 
 @dataclass
 class Row:
     backend: str
     precision: str
+    device: str
     stage: str
     batch_size: int
     items_per_s: float
     p50_ms: float
     p95_ms: float
     peak_rss_mb: float
+
+
+def bench_prompts(n: int) -> list[str]:
+    return [f"{BENCH_PROMPTS[i % len(BENCH_PROMPTS)]} #{i}" for i in range(n)]
+
+
+def bench_images(n: int, size: tuple[int, int] = (640, 480), seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def _rss_mb() -> float:
@@ -62,17 +81,27 @@ class PeakRss:
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, _rss_mb())
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss_mb())
 
 
-def time_calls(fns: Sequence[Callable[[], object]], min_calls: int, min_seconds: float) -> list[list[float]]:
+def device_clock(backend: Backend) -> Callable[[], float]:
+    """Seconds, read after the backend's device has finished what was queued on it."""
+    def now() -> float:
+        backend.synchronize()
+        return time.perf_counter()
+    return now
+
+
+def time_calls(fns: Sequence[Callable[[], object]], min_calls: int, min_seconds: float,
+               clocks: Sequence[Callable[[], float]] | None = None) -> list[list[float]]:
     """Seconds per call of each fn, after one warm-up call each, timed in round-robin rounds; a fn
     leaves the rounds once it has at least min_calls calls and min_seconds in total. Interleaving
     makes a slow drift in the machine's speed (a busy neighbour, clock changes) hit every fn alike,
-    so their ratios stay honest."""
+    so their ratios stay honest. clocks: one per fn (default: the host's perf_counter)."""
+    clocks = clocks or [time.perf_counter] * len(fns)
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
@@ -81,38 +110,38 @@ def time_calls(fns: Sequence[Callable[[], object]], min_calls: int, min_seconds:
         return len(t) < min_calls or sum(t) < min_seconds
 
     while any(wants_more(t) for t in times):
-        for fn, t in zip(fns, times):
+        for fn, clock, t in zip(fns, clocks, times):
             if not wants_more(t):
                 continue
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            t.append(time.perf_counter() - t0)
+            t.append(clock() - t0)
     return times
 
 
 def row_from_times(backend: Backend, stage: str, batch: int, items_per_call: int, times: list[float], peak: float) -> Row:
     ms = np.array(times) * 1000
-    return Row(backend.name, backend.precision, stage, batch, round(items_per_call * len(times) / sum(times), 3),
+    return Row(backend.name, backend.precision, backend.device, stage, batch,
+               round(items_per_call * len(times) / sum(times), 3),
                round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 95)), 3), round(peak))
 
 
-def open_backends(artifacts: Artifacts, names: Sequence[str], model: str | None, random_init: bool, seed: int,
+def open_backends(artifacts: Artifacts, specs: Sequence[tuple[str, str | None]], model_source: Any,
                   threads: int | None) -> Iterator[Backend]:
-    for name in names:
+    """The backends of `specs`; CPU torch backends share one loaded model (autocast leaves weights fp32)."""
+    shared_cpu_clip: dict[str, Any] = {}
+    for name, precision in specs:
+        options: dict[str, Any] = {"threads": threads}
+        if name in ("torch", "torch-cuda"):
+            options["model_source"] = model_source
         if name == "torch":
-            from .export_cache import _export_modules
+            if "clip" not in shared_cpu_clip:
+                from .optional import export_tools
 
-            ModelSource, _ = _export_modules()
-            from pickscore_export.source import load_clip
-            from pickscore_export.torch_towers import TorchBackend
-            from pickscore_export.verify import source_from_manifest
-
-            source = ModelSource(model, random_init=random_init, seed=seed) if model else source_from_manifest(artifacts.manifest)
-            yield TorchBackend(load_clip(source), threads=threads)
-        else:
-            engine, _, precision = name.rpartition("-")
-            engine = {"onnx": "onnx-cpu"}.get(engine, engine)
-            yield create_backend(artifacts, engine, precision, threads=threads)
+                tools = export_tools("the torch backends", ("torch", "transformers"), "torch")
+                shared_cpu_clip["clip"] = tools.load_clip(model_source or tools.source_from_manifest(artifacts.manifest))
+            options["clip"] = shared_cpu_clip["clip"]
+        yield create_backend(artifacts, name, precision, **options)
 
 
 @dataclass
@@ -150,10 +179,10 @@ def stage_call(scorer: PickScorer, stage: str, batch: int, inputs: BenchInputs) 
     raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
 
 
-def run_bench(artifacts_dir: str | Path, backends: Sequence[str], batch_sizes: Sequence[int],
-              stages: Sequence[str] = STAGES, model: str | None = None, random_init: bool = False, seed: int = 0,
-              threads: int | None = None, min_calls: int = 3, min_seconds: float = 2.0, n_jpegs: int | None = None,
-              interleave: bool = True, progress: Callable[[str], None] = print) -> dict:
+def run_bench(artifacts_dir: str | Path, backends: Sequence[tuple[str, str | None]], batch_sizes: Sequence[int],
+              stages: Sequence[str] = STAGES, model_source: Any = None, threads: int | None = None, min_calls: int = 3,
+              min_seconds: float = 2.0, n_jpegs: int | None = None, interleave: bool = True,
+              progress: Callable[[str], None] = print) -> dict:
     """interleave=True: every backend is open at once, and for each batch size every (backend, stage)
     is timed in the same rounds, so backend-vs-backend and e2e-vs-vision ratios hold on a machine
     whose speed drifts; peak_rss_mb is then the whole process's. interleave=False: one backend in
@@ -161,12 +190,11 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[str], batch_sizes: S
     artifacts = Artifacts.load(artifacts_dir, hash_check="size")
     n_jpegs = n_jpegs or 2 * max(batch_sizes)
     rows: list[Row] = []
-    groups = [list(backends)] if interleave else [[name] for name in backends]
+    groups = [list(backends)] if interleave else [[spec] for spec in backends]
     with tempfile.TemporaryDirectory(prefix="pickscore-bench-") as tmp:
         inputs = None
         for group in groups:
-            scorers = [PickScorer.from_backend(artifacts, b)
-                       for b in open_backends(artifacts, group, model, random_init, seed, threads)]
+            scorers = [PickScorer.from_backend(artifacts, b) for b in open_backends(artifacts, group, model_source, threads)]
             inputs = inputs or bench_inputs(scorers[0], max(batch_sizes), Path(tmp), n_jpegs)
             for b in batch_sizes:
                 cells = [(scorer, stage) for stage in stages for scorer in scorers]
@@ -174,10 +202,13 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[str], batch_sizes: S
                 for block in blocks:
                     calls = [stage_call(scorer, stage, b, inputs) for scorer, stage in block]
                     with PeakRss() as rss:
-                        times = time_calls([call for call, _ in calls], min_calls, min_seconds)
+                        times = time_calls([call for call, _ in calls], min_calls, min_seconds,
+                                           [device_clock(scorer.backend) for scorer, _ in block])
                     for (scorer, stage), (_, items), t in zip(block, calls, times):
                         rows.append(row_from_times(scorer.backend, stage, b, items, t, rss.peak))
                         progress(json.dumps(asdict(rows[-1])))
+            for scorer in scorers:
+                scorer.close()
             del scorers
     engines = list(dict.fromkeys((r.backend, r.precision) for r in rows))  # in --backends order
     rows.sort(key=lambda r: (engines.index((r.backend, r.precision)), STAGES.index(r.stage), r.batch_size))
@@ -200,13 +231,9 @@ def machine_info(threads: int | None) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     """items/s per backend, one panel per stage, batch sizes side by side."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib = require("matplotlib", "--plot")
+    matplotlib.use("Agg")
+    plt = require("matplotlib.pyplot", "--plot")
     rows = result["rows"]
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 4), squeeze=False)
@@ -228,11 +255,13 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"{title} - {result['machine']['cpu']}, {result['machine']['threads']} threads", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| backend | precision | stage | batch | items/s | p50 ms | p95 ms | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | precision | device | stage | batch | items/s | p50 ms | p95 ms | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['backend']} | {r['precision']} | {r['stage']} | {r['batch_size']} | {r['items_per_s']:.3f} | "
-                     f"{r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['peak_rss_mb']:.0f} |")
+        lines.append(f"| {r['backend']} | {r['precision']} | {r.get('device', 'cpu')} | {r['stage']} | {r['batch_size']} | "
+                     f"{r['items_per_s']:.3f} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)

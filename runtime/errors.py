@@ -1,5 +1,7 @@
 """Errors a user can act on. Each message names the item or file at fault and, where there is one, the fix."""
 
+from __future__ import annotations
+
 
 class PickScoreError(Exception):
     """Base class: the CLI prints these as one line and exits 2, without a traceback."""
@@ -9,12 +11,21 @@ class ArtifactError(PickScoreError):
     """An artifacts directory is missing, incomplete, tampered with or of an unknown format."""
 
 
-class ModelSourceError(PickScoreError):
-    """The model (weights, config or tokenizer files) cannot be loaded from the given source."""
-
-
 class BackendUnavailableError(PickScoreError):
-    """The requested backend cannot run here (library missing, no GPU, precision not exported)."""
+    """The requested backend cannot run here (no GPU, precision not exported, engine for another GPU)."""
+
+
+class MissingExtraError(BackendUnavailableError):
+    """An optional dependency is not installed; the message names the pip extra that brings it."""
+
+    def __init__(self, feature: str, module: str, extra: str, hint: str = ""):
+        super().__init__(f"{feature} needs {module}, which is not installed: pip install 'pickscore-runtime[{extra}]'"
+                         + (f" ({hint})" if hint else ""))
+        self.feature, self.module, self.extra = feature, module, extra
+
+
+class InputError(PickScoreError):
+    """Work given on the command line or in an input file cannot be used as a whole (not one row of it)."""
 
 
 class ImageError(PickScoreError):

@@ -17,6 +17,12 @@ from .errors import PromptError
 class TokenizedBatch:
     input_ids: np.ndarray  # [B, T] int64, T = longest prompt (<= max_length)
     truncated: list[bool]  # prompt was longer than max_length tokens and was cut, as the reference does
+    lengths: np.ndarray  # [B] tokens through the first <|endoftext|>: all the causal text tower reads
+
+    def key(self, row: int) -> bytes:
+        """A row's identity for caching: its ids through the first <|endoftext|>. The tower pools there and
+        is causal, so padding after it cannot change the embedding."""
+        return self.input_ids[row, : self.lengths[row]].astype("<i4").tobytes()
 
 
 def check_prompt(prompt: object, index: int | None = None) -> str:
@@ -41,8 +47,20 @@ class ClipTokenizer:
         self._tok.enable_truncation(max_length=max_length)
         self._tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
 
+    @property
+    def bos_id(self) -> int:
+        return int(self._tok.encode("").ids[0])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._tok.encode("").ids[-1])
+
     def __call__(self, prompts: Sequence[str]) -> TokenizedBatch:
         """Tokenise valid prompts (see `check_prompt`) into one padded batch."""
         encodings = self._tok.encode_batch(list(prompts))
+        if not encodings:
+            return TokenizedBatch(np.zeros((0, 0), np.int64), [], np.zeros(0, np.int64))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        return TokenizedBatch(ids, [bool(e.overflowing) for e in encodings])
+        # The tower pools at argmax(input_ids): <|endoftext|> has the largest id in CLIP's vocabulary.
+        lengths = ids.argmax(axis=1) + 1
+        return TokenizedBatch(ids, [bool(e.overflowing) for e in encodings], lengths)

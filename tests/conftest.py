@@ -1,36 +1,33 @@
 """Shared fixtures: the real PickScore tokenizer/processor files from ../shared, a tiny random CLIP
-built from models/tiny_clip with those files, its exported artifacts, and generated images on disk."""
+built from models/tiny_clip with those files, its exported artifacts (fp32, fp16, int8), generated
+images on disk."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_MODEL = Path(os.environ.get("PICKSCORE_SHARED_MODEL_DIR", REPO.parent / "shared" / "models" / "pickscore_v1"))
-
-
-def require_shared_model() -> Path:
-    if not (SHARED_MODEL / "config.json").is_file():
-        message = f"PickScore config/tokenizer files not found at {SHARED_MODEL} (set PICKSCORE_SHARED_MODEL_DIR)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # in CI a missing folder is a broken setup, not a reason to skip
-        pytest.skip(message)
-    return SHARED_MODEL
+from helpers import require_shared_model
 
 
 @pytest.fixture(scope="session")
-def shared_model_dir() -> Path:
+def shared_model() -> Path:
     return require_shared_model()
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, shared_model_dir) -> Path:
+def tolerances() -> dict:
+    from pickscore_models import model_info
+
+    return model_info()["tolerances"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, shared_model) -> Path:
     from pickscore_export.tiny import make_tiny_model_dir
 
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_clip"), shared_model_dir)
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_clip"), shared_model)
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +42,7 @@ def tiny_artifacts(tmp_path_factory, tiny_source) -> Path:
     from pickscore_export.build import export_artifacts
 
     out = tmp_path_factory.mktemp("tiny_artifacts") / "art"
-    return export_artifacts(tiny_source, out, ["fp32", "fp16"])
+    return export_artifacts(tiny_source, out, ["fp32", "fp16", "int8"])
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +50,9 @@ def tiny_scorer(tiny_artifacts):
     from pickscore_runtime import PickScorer
 
     with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
-        return PickScorer.load(tiny_artifacts, backend="onnx-cpu", precision="fp32")
+        scorer = PickScorer.load(tiny_artifacts, backend="onnx-cpu", precision="fp32")
+    yield scorer
+    scorer.close()
 
 
 @pytest.fixture(scope="session")

@@ -120,17 +120,17 @@ def test_interrupted_export_leaves_nothing_loadable(tiny_source, tmp_path, monke
 
     real = build.onnx_export.export_fp32
 
-    def export_then_die(module, spec, path, opset):
+    def export_then_die(module, spec, path, *args):
         if spec.name == "vision":
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-export
-        return real(module, spec, path, opset)
+        return real(module, spec, path, *args)
 
     monkeypatch.setattr(build.onnx_export, "export_fp32", export_then_die)
     target = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         build.export_artifacts(tiny_source, target)
     assert not target.exists()
-    assert list(tmp_path.iterdir()) == []  # the staging directory was removed too
+    assert [p.name for p in tmp_path.iterdir()] == [".out.lock"]  # the staging directory was removed too
     with pytest.raises(ArtifactError, match="does not exist"):
         Artifacts.load(target)
 

@@ -20,14 +20,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_full_architecture_exports_and_passes_verify(shared_model_dir, tmp_path_factory):
+def test_full_architecture_exports_and_passes_verify(shared_model, tmp_path_factory):
     from pickscore_export.build import export_artifacts
     from pickscore_export.source import ModelSource
     from pickscore_export.verify import verify_precisions
 
     out = tmp_path_factory.mktemp("full") / "pickscore_v1"
     t0 = time.perf_counter()
-    export_artifacts(ModelSource(str(shared_model_dir), random_init=True, seed=0), out, ["fp32", "int8"])
+    export_artifacts(ModelSource(str(shared_model), random_init=True, seed=0), out, ["fp32", "int8"])
     export_s = time.perf_counter() - t0
     export_peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     manifest = json.loads((out / "manifest.json").read_text())

@@ -1,17 +1,20 @@
-"""score_many: order, per-item errors, batching across items, bounded memory, file IO through the CLI."""
+"""score_many: order, keys, per-item errors, batching across items, bounded memory, the overlap seam,
+and the progress line on a terminal."""
 
 from __future__ import annotations
 
-import csv
-import json
+import os
+import pty
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from pickscore_export.samples import synthetic_image
+from pickscore_runtime import ImagePreparer, ScoringPipeline, WorkItem
 
 
 @pytest.fixture(scope="module")
@@ -23,108 +26,135 @@ def jpeg_folder(tmp_path_factory):
     return folder
 
 
-def test_score_many_matches_score_and_keeps_order(tiny_scorer, jpeg_folder):
+def test_score_many_keeps_order_keys_and_errors_and_matches_the_reference(tiny_scorer, tiny_reference, jpeg_folder,
+                                                                          tolerances):
     good = sorted(str(p) for p in jpeg_folder.glob("img*.jpg"))
-    items = [("a cat", good[:5]), ("", good[5:7]), ("a dog", []), ("a dog", good[7:] + [str(jpeg_folder / "broken.jpg")]),
-             ("a cat", good[:1])]
+    broken = str(jpeg_folder / "broken.jpg")
+    items = [WorkItem("a cat", good[:5], key="k0"), ("", good[5:7], "k1"), WorkItem("a dog", [], key=("k", 2)),
+             ("a dog", good[7:] + [broken], "k3"), ("a cat", good[:1])]
     results = list(tiny_scorer.score_many(iter(items), batch_size=3, workers=2))
-    assert [r.prompt for r in results] == [p for p, _ in items]
+    assert [r.key for r in results] == ["k0", "k1", ("k", 2), "k3", None]
+    assert [r.prompt for r in results] == ["a cat", "", "a dog", "a dog", "a cat"]
     assert results[1].error and "prompt #1 is empty" in results[1].error
     assert results[2].results == [] and results[2].error is None
-    assert results[3].results[-1].error and "cannot decode" in results[3].results[-1].error
-    for (prompt, images), result in zip(items, results):
-        if result.error is None and images:
-            one = tiny_scorer.score(prompt, images)
-            np.testing.assert_allclose(result.scores, one.scores, atol=1e-5, equal_nan=True)
-            assert [r.rank for r in result.results] == [r.rank for r in one.results]
+    assert "cannot decode" in results[3].results[-1].error
+    tol = tolerances["fp32"]["max_abs_score_diff"]
+    for result, (prompt, images) in ((results[0], ("a cat", good[:5])), (results[3], ("a dog", good[7:])),
+                                     (results[4], ("a cat", good[:1]))):
+        want, _ = tiny_reference.calc_probs(tiny_reference.text_embeddings([prompt])[0],
+                                            tiny_reference.image_embeddings(images))
+        got = result.scores[: len(images)]
+        assert np.abs(got - want).max() <= tol
+        assert [r.rank for r in result.results[: len(images)]] == list(np.argsort(np.argsort(-want)) + 1)
+
+
+class CountingPreparer(ImagePreparer):
+    """The real preparer, counting images prepared but not yet embedded (and failing on request)."""
+
+    def __init__(self, inner: ImagePreparer, fail_on: str | None = None):
+        super().__init__(inner.preprocessor)
+        self.fail_on, self.lock, self.in_flight, self.peak = fail_on, threading.Lock(), 0, 0
+
+    def __call__(self, item, name):
+        if name == self.fail_on:
+            raise RuntimeError("decoder bug")
+        with self.lock:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        return super().__call__(item, name)
+
+    def embedded(self, n: int) -> None:
+        with self.lock:
+            self.in_flight -= n
+
+
+def pipeline_with(scorer, preparer, backend=None, batch_size=2, workers=2, on_done=None):
+    pool = ThreadPoolExecutor(workers)
+    return ScoringPipeline(scorer.text, preparer, backend or scorer.backend, scorer.assembler, pool, workers,
+                           batch_size, on_done or preparer.embedded), pool
 
 
 def test_memory_is_bounded_by_pending_images(tiny_scorer, jpeg_folder):
     """A long lazy stream: never more than max_in_flight images prepared and not yet embedded."""
-    from pickscore_runtime.pipeline import ScoringPipeline
+    preparer = CountingPreparer(tiny_scorer.images)
+    pipeline, pool = pipeline_with(tiny_scorer, preparer)
+    path = str(next(jpeg_folder.glob("img*.jpg")))
+    pulled = [0]
 
-    pulled, lock, peak = [0], threading.Lock(), [0]
-    pipeline = ScoringPipeline(tiny_scorer, batch_size=2, workers=2)
-    real = tiny_scorer._pixels
-    in_flight = [0]
+    def stream():
+        for i in range(60):
+            pulled[0] += 1
+            yield f"prompt {i % 3}", [path, path]
 
-    def tracked_pixels(item, name):
-        with lock:
-            in_flight[0] += 1
-            peak[0] = max(peak[0], in_flight[0])
-        return real(item, name)
-
-    def embed_done(n):
-        with lock:
-            in_flight[0] -= n
-
-    pipeline.on_images_done = embed_done
-    tiny_scorer._pixels = tracked_pixels
-    try:
-        path = str(next(jpeg_folder.glob("img*.jpg")))
-
-        def stream():
-            for i in range(60):
-                pulled[0] += 1
-                yield f"prompt {i % 3}", [path, path]
-
-        count = sum(1 for _ in pipeline.run(stream()))
-    finally:
-        del tiny_scorer._pixels
-    assert count == 60 and pulled[0] == 60
-    assert peak[0] <= pipeline.max_in_flight
+    assert sum(1 for _ in pipeline.run(stream())) == 60 and pulled[0] == 60
+    assert 0 < preparer.peak <= pipeline.max_in_flight
+    pool.shutdown()
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pickscore_runtime.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_cli_directory_and_glob(tiny_artifacts, jpeg_folder):
-    out = run_cli("score", "--artifacts", str(tiny_artifacts), "--fast-load", "--prompt", "a cat", "--json",
-                  str(jpeg_folder), str(jpeg_folder / "img0*.jpg"))
-    doc = json.loads(out.stdout)
-    assert len(doc["results"]) == 15 + 10
-    assert out.returncode == 1  # broken.jpg
-    assert "progress" not in out.stderr and "\r" not in out.stderr  # not a terminal: no progress bar
-
-
-@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
-def test_cli_input_output_files(tiny_artifacts, jpeg_folder, tmp_path, fmt):
-    images = sorted(str(p) for p in jpeg_folder.glob("img*.jpg"))
-    rows = [{"prompt": "a cat", "image": images[0]}, {"prompt": "a cat", "image": images[1]},
-            {"prompt": "a dog", "image": images[2]}, {"prompt": "a dog", "image": str(jpeg_folder / "broken.jpg")},
-            {"prompt": "a cat", "image": images[3]}]
-    src = tmp_path / "work.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dst = tmp_path / f"out.{fmt}"
-    out = run_cli("score", "--artifacts", str(tiny_artifacts), "--fast-load", "--input", str(src), "--output", str(dst))
-    assert out.returncode == 1, out.stderr  # one broken image
-    if fmt == "csv":
-        got = list(csv.DictReader(open(dst)))
-    elif fmt == "jsonl":
-        got = [json.loads(line) for line in open(dst)]
-    else:
-        import pyarrow.parquet as pq
-
-        got = pq.read_table(dst).to_pylist()
-    assert [(g["prompt"], g["image"]) for g in got] == [(r["prompt"], r["image"]) for r in rows]
-    assert "cannot decode" in got[3]["error"]
-    ranks = [str(g["rank"]) for g in got]
-    assert sorted(ranks[:2]) == ["1", "2"] and ranks[2] == ranks[4] == "1"  # consecutive rows = one comparison
-    assert ranks[3] in ("", "None")
-    assert all(str(g["random_weights"]) == "True" for g in got)
-
-
-def test_unexpected_decoder_failure_costs_one_image(tiny_scorer, jpeg_folder, monkeypatch):
+def test_unexpected_decoder_failure_costs_one_image(tiny_scorer, jpeg_folder):
     good = sorted(str(p) for p in jpeg_folder.glob("img*.jpg"))[:3]
-    real = tiny_scorer._pixels
-
-    def flaky(item, name):
-        if name == good[1]:
-            raise RuntimeError("decoder bug")
-        return real(item, name)
-
-    monkeypatch.setattr(tiny_scorer, "_pixels", flaky)
-    result = tiny_scorer.score("a cat", good)
+    pipeline, pool = pipeline_with(tiny_scorer, CountingPreparer(tiny_scorer.images, fail_on=good[1]))
+    (result,) = pipeline.run([("a cat", good)])
     assert result.results[1].error == "unexpected RuntimeError: decoder bug"
     assert result.results[0].score is not None and result.results[2].score is not None
+    pool.shutdown()
+
+
+class QueueingBackend:
+    """A backend whose submit returns before computing, as a GPU's does: records submit/collect order."""
+
+    def __init__(self, inner):
+        self.inner, self.events = inner, []
+        self.name, self.precision, self.device, self.batch_size, self.queue_depth = inner.name, inner.precision, "cuda", 2, 2
+
+    def embed_text(self, ids):
+        return self.inner.embed_text(ids)
+
+    def submit_images(self, pixels):
+        k = sum(1 for e in self.events if e[0] == "submit")
+        self.events.append(("submit", k))
+        backend = self
+
+        class Pending:
+            def result(self):
+                backend.events.append(("collect", k))
+                return backend.inner.embed_images(pixels)
+        return Pending()
+
+
+def test_gpu_style_backend_gets_the_next_batch_before_the_last_is_collected(tiny_scorer, jpeg_folder):
+    images = sorted(str(p) for p in jpeg_folder.glob("img*.jpg"))[:7]
+    backend = QueueingBackend(tiny_scorer.backend)
+    pipeline, pool = pipeline_with(tiny_scorer, tiny_scorer.images, backend=backend, on_done=lambda n: None)
+    (overlapped,) = pipeline.run([("a cat", images)])
+    assert backend.events[:3] == [("submit", 0), ("submit", 1), ("collect", 0)]
+    assert sorted(backend.events) == sorted([("submit", k) for k in range(4)] + [("collect", k) for k in range(4)])
+    np.testing.assert_allclose(overlapped.scores, tiny_scorer.score("a cat", images).scores, atol=1e-6)
+    pool.shutdown()
+
+
+def _score_folder(tiny_artifacts, jpeg_folder, stderr_fd):
+    return subprocess.run([sys.executable, "-m", "pickscore_runtime.cli", "score", "--artifacts", str(tiny_artifacts),
+                           "--hash-check", "size", "--prompt", "a cat", "--json", str(jpeg_folder)],
+                          stdout=subprocess.PIPE, stderr=stderr_fd, timeout=300)
+
+
+def test_progress_line_on_a_terminal_and_not_when_piped(tiny_artifacts, jpeg_folder):
+    leader, follower = pty.openpty()
+    out = _score_folder(tiny_artifacts, jpeg_folder, follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    terminal = b"".join(chunks).decode()
+    assert out.returncode == 1  # broken.jpg
+    assert "\r" in terminal and "15/15 img" in terminal and "img/s" in terminal
+    piped = _score_folder(tiny_artifacts, jpeg_folder, subprocess.PIPE)
+    assert "\r" not in piped.stderr.decode() and "img/s" not in piped.stderr.decode()

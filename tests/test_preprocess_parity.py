@@ -19,13 +19,13 @@ MODES = ["RGB", "L", "LA", "RGBA", "P", "P-transparent", "CMYK", "I;16", "F", "1
 
 
 @pytest.fixture(scope="module")
-def processors(shared_model_dir):
+def processors(shared_model):
     from transformers import CLIPImageProcessorPil
 
     from pickscore_export.source import read_preprocessing
 
-    ours = Preprocessor(PreprocessConfig.from_json(read_preprocessing(shared_model_dir)))
-    return CLIPImageProcessorPil.from_pretrained(shared_model_dir), ours
+    ours = Preprocessor(PreprocessConfig.from_json(read_preprocessing(shared_model)))
+    return CLIPImageProcessorPil.from_pretrained(shared_model), ours
 
 
 def reference_pixels(ref, img) -> np.ndarray:

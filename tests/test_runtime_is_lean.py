@@ -1,5 +1,6 @@
-"""The runtime must work without torch or transformers: checked in a fresh interpreter where importing
-either raises, so even a lazy import on the scoring path would fail the test."""
+"""The runtime works without torch, transformers or any other optional dependency: checked in a fresh
+interpreter where importing them raises, so even a lazy import on the scoring path would fail the test.
+And the other way round: choosing the torch backend is what brings torch in."""
 
 from __future__ import annotations
 
@@ -7,24 +8,49 @@ import subprocess
 import sys
 import textwrap
 
+HEAVY = ("torch", "transformers", "pickscore_export", "ray", "tensorrt", "cuda", "fastapi", "uvicorn", "starlette",
+         "matplotlib", "pyarrow", "cupy")
 
-def test_scoring_imports_neither_torch_nor_transformers(tiny_artifacts, sample_images):
-    code = textwrap.dedent(f"""
+
+def run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "ignore", "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_scoring_imports_nothing_optional(tiny_artifacts, sample_images, tmp_path):
+    out = run(f"""
         import sys, importlib.abc
+        HEAVY = {HEAVY!r}
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "transformers", "pickscore_export"):
+                if name.split(".")[0] in HEAVY:
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
-        import pickscore_runtime
         from pickscore_runtime import PickScorer
         from pickscore_runtime import cli
-        s = PickScorer.load({str(tiny_artifacts)!r}, backend="onnx-cpu")
-        r = s.score("a cat", [{str(sample_images[0])!r}, {str(sample_images[3])!r}])
-        assert all(x.error is None for x in r.results), r.to_json()
-        bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "pickscore_export")]
+        from pickscore_runtime.cli import main
+        for backend in ("onnx-cpu", "auto"):
+            s = PickScorer.load({str(tiny_artifacts)!r}, backend=backend, text_cache_file={str(tmp_path / "c.sqlite")!r})
+            r = s.score("a cat", [{str(sample_images[0])!r}, {str(sample_images[3])!r}])
+            assert all(x.error is None for x in r.results), r.to_json()
+            s.close()
+        assert main(["score", "--artifacts", {str(tiny_artifacts)!r}, "--prompt", "a cat", "--output",
+                     {str(tmp_path / "out.jsonl")!r}, {str(sample_images[1])!r}]) == 0
+        bad = [m for m in sys.modules if m.split(".")[0] in HEAVY]
         assert not bad, bad
         print("LEAN_OK")
     """)
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "LEAN_OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_the_torch_backend_is_what_imports_torch(tiny_artifacts):
+    out = run(f"""
+        import sys
+        from pickscore_runtime import PickScorer
+        s = PickScorer.load({str(tiny_artifacts)!r}, backend="onnx-cpu")
+        assert "torch" not in sys.modules
+        s = PickScorer.load({str(tiny_artifacts)!r}, backend="torch")
+        assert "torch" in sys.modules and "transformers" in sys.modules
+        print("TORCH_OK", s.backend.name)
+    """)
+    assert out.returncode == 0 and "TORCH_OK torch" in out.stdout, out.stderr[-3000:]

@@ -32,12 +32,12 @@ def prompt_corpus() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tokenizers(shared_model_dir):
+def tokenizers(shared_model):
     from transformers import AutoTokenizer
 
-    reference = AutoTokenizer.from_pretrained(shared_model_dir)
+    reference = AutoTokenizer.from_pretrained(shared_model)
     assert reference.is_fast
-    ours = ClipTokenizer(shared_model_dir / "tokenizer.json", max_length=77, pad_token="<|endoftext|>")
+    ours = ClipTokenizer(shared_model / "tokenizer.json", max_length=77, pad_token="<|endoftext|>")
     return reference, ours
 
 

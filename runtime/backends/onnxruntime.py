@@ -8,20 +8,27 @@ import numpy as np
 
 from ..artifacts import Artifacts
 from ..errors import BackendUnavailableError
-from ..towers import TowerSpec
+from ..towers import TOWERS
+from .base import BackendBase
 
 PROVIDERS = {
     "onnx-cpu": ["CPUExecutionProvider"],
     "onnx-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-# Batches the vision tower gets per call; bigger buys nothing on a CPU and costs memory.
-DEFAULT_MAX_BATCH = {"onnx-cpu": 8, "onnx-cuda": 64}
 
 
 def available_providers() -> list[str]:
     import onnxruntime
 
     return onnxruntime.get_available_providers()
+
+
+def cuda_provider_missing() -> str | None:
+    """Why onnx-cuda cannot run here, or None."""
+    have = available_providers()
+    if "CUDAExecutionProvider" in have:
+        return None
+    return f"this onnxruntime build has no CUDAExecutionProvider (has: {', '.join(have)})"
 
 
 def session_options(threads: int | None = None):
@@ -35,29 +42,24 @@ def session_options(threads: int | None = None):
     return options
 
 
-class OnnxRuntimeBackend:
-    def __init__(self, artifacts: Artifacts, name: str, precision: str, threads: int | None = None,
-                 max_batch: int | None = None):
+class OnnxRuntimeBackend(BackendBase):
+    def __init__(self, artifacts: Artifacts, name: str, precision: str, batch_size: int, threads: int | None = None):
         import onnxruntime as ort
 
         if name not in PROVIDERS:
             raise ValueError(f"unknown ONNX Runtime backend {name!r}; known: {sorted(PROVIDERS)}")
         if PROVIDERS[name][0] not in ort.get_available_providers():
-            raise BackendUnavailableError(
-                f"backend {name} needs {PROVIDERS[name][0]}, which this onnxruntime build lacks "
-                f"(has: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use --backend onnx-cpu"
-            )
-        self.name, self.precision = name, precision
-        self.max_batch = max_batch or DEFAULT_MAX_BATCH[name]
+            raise BackendUnavailableError(f"backend {name}: {cuda_provider_missing()}; on an NVIDIA machine install the "
+                                          "[gpu] extra (onnxruntime-gpu, which replaces onnxruntime)")
+        self.name, self.precision, self.batch_size = name, precision, batch_size
+        self.device = "cuda" if name == "onnx-cuda" else "cpu"
         self._specs = artifacts.specs()
         options = session_options(threads)
-        self._sessions = {
-            tower: ort.InferenceSession(str(artifacts.tower_file(tower, precision)), options, providers=PROVIDERS[name])
-            for tower in ("text", "vision")
-        }
+        self._sessions = {tower: ort.InferenceSession(str(artifacts.tower_file(tower, precision)), options,
+                                                      providers=PROVIDERS[name]) for tower in TOWERS}
 
     def _run(self, tower: str, array: np.ndarray) -> np.ndarray:
-        spec: TowerSpec = self._specs[tower]
+        spec = self._specs[tower]
         spec.input.check(array)
         (out,) = self._sessions[tower].run([spec.output.name], {spec.input.name: array})
         return out
@@ -66,4 +68,12 @@ class OnnxRuntimeBackend:
         return self._run("text", input_ids)
 
     def embed_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._run("vision", pixel_values)
+        return self._run("vision", np.asarray(pixel_values))
+
+    def close(self) -> None:
+        self._sessions = {}
+
+
+def create(artifacts: Artifacts, name: str, precision: str, batch_size: int, threads: int | None = None,
+                 **_: object) -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(artifacts, name, precision, batch_size, threads)

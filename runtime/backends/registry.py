@@ -1,0 +1,158 @@
+"""Every backend, declared once as data: where its code lives (imported only when chosen), its device,
+default batch, which precisions it runs and in what order it prefers them, what it is built from, the
+pip extra it needs, and a cheap probe of whether it can run here. `auto`, the CLI's choices, `bench`
+and `verify` all read this table."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from ..artifacts import Artifacts
+from ..errors import BackendUnavailableError, PickScoreError
+from .base import Backend
+
+log = logging.getLogger("pickscore")
+
+
+def _missing(*modules: str) -> str | None:
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    return f"{', '.join(absent)} not installed" if absent else None
+
+
+def _no_nvidia_gpu() -> str | None:
+    """Without importing any CUDA library: is there an NVIDIA driver with a device?"""
+    if os.path.exists("/proc/driver/nvidia/gpus") and os.listdir("/proc/driver/nvidia/gpus"):
+        return None
+    if any(os.path.exists(f"/dev/nvidia{i}") for i in range(16)):
+        return None
+    return "no NVIDIA GPU found"
+
+
+def _probe_onnx_cuda() -> str | None:
+    from .onnxruntime import cuda_provider_missing
+
+    return cuda_provider_missing()
+
+
+def _probe_tensorrt() -> str | None:
+    return _no_nvidia_gpu() or _missing("tensorrt", "cuda")
+
+
+def _probe_torch() -> str | None:
+    return _missing("torch", "transformers")
+
+
+def _probe_torch_cuda() -> str | None:
+    reason = _no_nvidia_gpu() or _probe_torch()
+    if reason is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"torch {torch.__version__} cannot use the GPU (a CPU-only build, or a driver mismatch)"
+    return reason
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    device: str  # "cpu" | "cuda"
+    module: str  # imported only when this backend is opened; has create(artifacts, name, precision, batch_size, ...)
+    precisions: tuple[str, ...]  # what it runs; without --precision it takes the first one it can (most accurate / natural first)
+    auto_precisions: tuple[str, ...]  # the same, when `auto` chose it (fastest that passes its gate first)
+    default_batch: int  # images per vision call
+    builds_from: str  # "artifacts": exported ONNX files; "weights": the model the artifacts were exported from
+    extra: str  # the pip extra that brings what it needs
+    probe: Callable[[], str | None]  # why it cannot run here, or None
+    about: str
+
+    def unavailable(self) -> str | None:
+        return self.probe()
+
+
+BACKENDS: dict[str, BackendInfo] = {b.name: b for b in (
+    BackendInfo("tensorrt", "cuda", "pickscore_runtime.backends.tensorrt", ("fp16", "fp32"), ("fp16",), 64,
+                "artifacts", "tensorrt", _probe_tensorrt, "TensorRT engines built from the ONNX (NVIDIA GPUs)"),
+    BackendInfo("onnx-cuda", "cuda", "pickscore_runtime.backends.onnxruntime", ("fp16", "fp32"), ("fp16", "fp32"), 64,
+                "artifacts", "gpu", _probe_onnx_cuda, "ONNX Runtime, CUDA execution provider"),
+    BackendInfo("torch-cuda", "cuda", "pickscore_runtime.backends.torch_backend", ("fp16", "bf16", "fp32"), ("fp16",), 64,
+                "weights", "torch", _probe_torch_cuda, "transformers CLIPModel on the GPU (SDPA), from the weights"),
+    BackendInfo("onnx-cpu", "cpu", "pickscore_runtime.backends.onnxruntime", ("fp32", "int8", "fp16"), ("int8", "fp32", "fp16"), 8,
+                "artifacts", "", lambda: None, "ONNX Runtime on the CPU"),
+    BackendInfo("torch", "cpu", "pickscore_runtime.backends.torch_backend", ("fp32", "bf16"), ("fp32",), 8,
+                "weights", "torch", _probe_torch, "the model card's PyTorch code on the CPU (fp32; bf16 = autocast)"),
+)}
+AUTO_ORDER = ("tensorrt", "onnx-cuda", "torch-cuda", "onnx-cpu")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+
+
+def backend_info(name: str) -> BackendInfo:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}") from None
+
+
+def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | None, auto: bool = False) -> str:
+    """The precision `info` will run: the one asked for (if it can), else its first preference that the
+    artifacts carry (backends built from weights run any of theirs)."""
+    have = artifacts.precisions if info.builds_from == "artifacts" else list(info.precisions)
+    if precision is not None:
+        if precision not in info.precisions:
+            raise BackendUnavailableError(f"backend {info.name} runs {', '.join(info.precisions)}, not {precision}")
+        if precision not in have:
+            raise BackendUnavailableError(
+                f"{artifacts.root} has no {precision} towers (has: {', '.join(have)}); "
+                f"export them with `pickscore export --precision {precision}`")
+        return precision
+    for p in (info.auto_precisions if auto else info.precisions):
+        if p in have:
+            return p
+    raise BackendUnavailableError(f"backend {info.name} runs {', '.join(info.precisions)}, but {artifacts.root} "
+                                  f"has only {', '.join(have)}")
+
+
+def select_backend(artifacts: Artifacts, name: str = "auto", precision: str | None = None) -> tuple[BackendInfo, str, str]:
+    """(backend, precision, why) for a request; `auto` walks AUTO_ORDER and takes the first that can run."""
+    if name != "auto":
+        info = backend_info(name)
+        reason = info.unavailable()
+        if reason:
+            extra = f" (pip extra [{info.extra}])" if info.extra else ""
+            raise BackendUnavailableError(f"backend {name} cannot run here: {reason}{extra}")
+        return info, resolve_precision(artifacts, info, precision), f"{name} as asked"
+    skipped = []
+    for candidate in AUTO_ORDER:
+        info = BACKENDS[candidate]
+        reason = info.unavailable()
+        if reason is None:
+            try:
+                chosen = resolve_precision(artifacts, info, precision, auto=True)
+            except BackendUnavailableError as e:
+                reason = str(e)
+            else:
+                why = "chosen by auto" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
+                return info, chosen, why
+        skipped.append(f"{candidate}: {reason}")
+    raise BackendUnavailableError("no backend can run these artifacts here: " + "; ".join(skipped))
+
+
+def open_backend(info: BackendInfo, artifacts: Artifacts, precision: str, *, batch_size: int | None = None,
+                 threads: int | None = None, **options: object) -> Backend:
+    """Open a backend chosen by `select_backend`. `options` go to the backend (model_source for the torch
+    backends, engine options for tensorrt)."""
+    if batch_size is not None and batch_size < 1:
+        raise PickScoreError(f"batch size must be at least 1, got {batch_size}")
+    module = importlib.import_module(info.module)
+    return module.create(artifacts, info.name, precision, batch_size or info.default_batch, threads=threads, **options)
+
+
+def create_backend(artifacts: Artifacts, name: str = "auto", precision: str | None = None, **options: object) -> Backend:
+    """select_backend + open_backend ("auto": the fastest that can run here, logged with the reason)."""
+    info, precision, why = select_backend(artifacts, name, precision)
+    log.info("backend %s", why)
+    return open_backend(info, artifacts, precision, **options)

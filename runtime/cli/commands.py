@@ -1,0 +1,81 @@
+"""The commands other than `score`. Export and verify reach the export package through its one seam
+(`optional.export_tools`), so a runtime-only install says which extra it lacks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import InputError
+from ..optional import export_tools
+from . import EXIT_OK, EXIT_UNSCORED, say
+from .score import cmd_score
+
+
+def model_source(tools: Any, args: Any):
+    if args.random_init and not args.model:
+        raise InputError("--random-init needs --model DIR (a folder with config.json and the tokenizer files)")
+    return tools.ModelSource(args.model, random_init=args.random_init, seed=args.seed) if args.model else None
+
+
+def cmd_export(args: Any) -> int:
+    tools = export_tools()
+    tools.export_artifacts(model_source(tools, args), args.out, args.precision, force=args.force, progress=say)
+    say(f"exported {', '.join(args.precision)} to {args.out}")
+    return EXIT_OK
+
+
+def cmd_verify(args: Any) -> int:
+    tools = export_tools()
+    reports = tools.verify_precisions(args.artifacts, args.precision or [None], model_source(tools, args),
+                                      backend=args.backend, images=args.images, progress=say)
+    text = json.dumps(reports[0] if len(reports) == 1 else reports, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    for report in reports:
+        say(("PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"])) +
+            f" ({report['backend']}/{report['precision']}, {report['n_prompts']} prompts x {report['n_images']} images)")
+    return EXIT_OK if all(r["passed"] for r in reports) else EXIT_UNSCORED
+
+
+def cmd_bench(args: Any) -> int:
+    from ..bench import STAGES, markdown_table, plot, run_bench
+
+    source = model_source(export_tools("the torch backends", ("torch", "transformers"), "torch"), args) \
+        if args.model or args.random_init else None
+    result = run_bench(args.artifacts, args.backends, args.batch_sizes, args.stages or STAGES, model_source=source,
+                       threads=args.threads, min_calls=args.min_calls, min_seconds=args.min_seconds, interleave=not args.sequential, progress=say)
+    table = markdown_table(result)
+    print(table)
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    return EXIT_OK
+
+
+def cmd_cache(args: Any) -> int:
+    from ..text_cache import cache_stats
+
+    print(json.dumps(cache_stats(args.path), indent=2))
+    return EXIT_OK
+
+
+def cmd_info(args: Any) -> int:
+    from ..artifacts import Artifacts
+
+    a = Artifacts.load(args.artifacts, hash_check="size")
+    m = a.manifest
+    print(json.dumps({
+        "artifacts": str(a.root), "random_weights": a.random_weights, "source": m["model"]["source"],
+        "precisions": a.precisions, "dims": m["dims"], "logit_scale": m["logit_scale"],
+        "created_utc": m.get("created_utc"), "packages": m.get("packages"),
+    }, indent=2))
+    return EXIT_OK
+
+
+COMMANDS = {"export": cmd_export, "score": cmd_score, "verify": cmd_verify, "bench": cmd_bench, "cache": cmd_cache,
+            "info": cmd_info}
