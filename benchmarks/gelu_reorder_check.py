@@ -19,7 +19,7 @@ import numpy as np
 from pickscore_export.onnx_export import external_data_file, quantize_int8, reorder_erf_gelu
 from pickscore_runtime.artifacts import Artifacts
 
-from vision_candidates import embed_all, min_cosine, ort_runner, p50_seconds, parse_args, report, verify_pixels
+from vision_candidates import embed_all, min_cosine, ort_candidate, p50_seconds, parse_args, report, verify_pixels
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
             shutil.copy(data, Path(tmp) / data.name)
         print("GELUs reordered:", reorder_erf_gelu(new["fp32"]), flush=True)
         quantize_int8(new["fp32"], new["int8"])
-        runners = {f"{p}-{which}": ort_runner(paths[p]) for p in ("fp32", "int8") for which, paths in (("old", old), ("reordered", new))}
+        runners = {f"{p}-{which}": ort_candidate(paths[p], which, p) for p in ("fp32", "int8") for which, paths in (("old", old), ("reordered", new))}
         embeds = {name: embed_all(run, pixels) for name, run in runners.items()}
         p50 = p50_seconds(runners, pixels, args.rounds)
     rows = []

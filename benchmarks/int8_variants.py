@@ -19,7 +19,7 @@ import numpy as np
 from pickscore_export import onnx_export
 from pickscore_runtime.artifacts import Artifacts
 
-from vision_candidates import embed_all, ort_runner, p50_seconds, parse_args, report, verify_pixels
+from vision_candidates import embed_all, ort_candidate, p50_seconds, parse_args, report, verify_pixels
 
 VARIANTS = {
     "per-tensor": onnx_export.quantize_int8,  # what export ships
@@ -34,12 +34,12 @@ def main() -> None:
     fp32 = artifacts.tower_file("vision", "fp32")
     with tempfile.TemporaryDirectory(prefix="int8-variants-") as tmp:
         pixels = verify_pixels(artifacts, Path(tmp) / "images")
-        runners = {"fp32": ort_runner(fp32)}
+        runners = {"fp32": ort_candidate(fp32, "ort", "fp32")}
         for name in args.variants.split(","):
             t0 = time.perf_counter()
             VARIANTS[name](fp32, Path(tmp) / f"{name}.onnx")
             print(f"built {name} in {time.perf_counter() - t0:.0f} s", flush=True)
-            runners[name] = ort_runner(Path(tmp) / f"{name}.onnx")
+            runners[name] = ort_candidate(Path(tmp) / f"{name}.onnx", name, "int8")
         embeds = {name: embed_all(run, pixels) for name, run in runners.items()}
         p50 = p50_seconds(runners, pixels, args.rounds)
     cos = {name: np.sum(e * embeds["fp32"], axis=1) for name, e in embeds.items()}

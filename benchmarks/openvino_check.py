@@ -13,21 +13,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from pickscore_runtime.artifacts import Artifacts
 
-from vision_candidates import Runner, embed_all, min_cosine, ort_runner, p50_seconds, parse_args, report, verify_pixels
-
-
-def openvino_runner(path: Path, precision: str) -> Runner:
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    return lambda pixels: np.array(request.infer({0: pixels})[0])
+from vision_candidates import embed_all, min_cosine, openvino_candidate, ort_candidate, p50_seconds, parse_args, report, verify_pixels
 
 
 def main() -> None:
@@ -36,8 +24,9 @@ def main() -> None:
     fp32, int8 = artifacts.tower_file("vision", "fp32"), artifacts.tower_file("vision", "int8")
     with tempfile.TemporaryDirectory(prefix="openvino-check-") as tmp:
         pixels = verify_pixels(artifacts, Path(tmp) / "images")
-    runners = {"ort-fp32": ort_runner(fp32), "ort-int8": ort_runner(int8),
-               "openvino-fp32": openvino_runner(fp32, "f32"), "openvino-bf16": openvino_runner(fp32, "bf16")}
+    runners = {"ort-fp32": ort_candidate(fp32, "ort", "fp32"), "ort-int8": ort_candidate(int8, "ort", "int8"),
+               "openvino-fp32": openvino_candidate(fp32, "openvino", "fp32", "f32"),
+               "openvino-bf16": openvino_candidate(fp32, "openvino", "bf16", "bf16")}
     embeds = {name: embed_all(run, pixels) for name, run in runners.items()}
     p50 = p50_seconds(runners, pixels, args.rounds)
     report([{"engine": name, "p50_s": round(p50[name], 4), "speedup_vs_ort_fp32": round(p50["ort-fp32"] / p50[name], 3),

@@ -1,10 +1,11 @@
-"""Shared by the scripts that weigh vision-tower candidates against what ships (int8_variants.py,
-gelu_reorder_check.py, openvino_check.py): arguments, inputs, an ONNX Runtime runner, timing in
-interleaved rounds (the same `time_calls` as `pickscore bench`) and the JSON report.
+"""Shared by the scripts that weigh vision-tower candidates against what ships (int8_candidates.py,
+int8_variants.py, gelu_reorder_check.py, openvino_check.py): arguments, inputs, candidates behind the
+runtime's Backend interface, timing in interleaved rounds with `pickscore bench`'s own `time_calls` and
+per-backend clock, and the JSON report.
 
-Speed: batch 1, p50 over --rounds interleaved calls. Accuracy: image embeddings of the 18 built-in
-verify images (runtime preprocessing). A candidate is only a candidate: `pickscore verify` against
-the PyTorch reference decides whether anything ships. Needs no torch.
+Speed: p50 over --rounds interleaved calls. Accuracy: image embeddings of the 18 built-in verify images
+(runtime preprocessing). A candidate is only a candidate: `pickscore verify` against the PyTorch
+reference (gate v2) decides whether anything ships. Needs no torch.
 """
 
 from __future__ import annotations
@@ -12,18 +13,48 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from pickscore_export.samples import write_images
 from pickscore_runtime.artifacts import Artifacts
+from pickscore_runtime.backends import BackendBase
 from pickscore_runtime.backends.onnxruntime import session_options
-from pickscore_runtime.bench import time_calls
+from pickscore_runtime.bench import device_clock, time_calls
 from pickscore_runtime.images import open_image
 from pickscore_runtime.preprocess import PreprocessConfig, Preprocessor
 
-Runner = Callable[[np.ndarray], np.ndarray]  # pixel_values [B,3,224,224] -> image_embeds [B,D]
+
+class VisionCandidate(BackendBase):
+    """A vision tower under test behind the runtime's Backend interface (it embeds images only)."""
+
+    def __init__(self, name: str, precision: str, run: Callable[[np.ndarray], np.ndarray]):
+        self.name, self.precision, self.batch_size = name, precision, 8
+        self._run = run
+
+    def embed_images(self, pixel_values: Any) -> np.ndarray:
+        return self._run(np.ascontiguousarray(pixel_values))
+
+
+def ort_candidate(path: Path, name: str, precision: str) -> VisionCandidate:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])  # as the runtime runs it
+    return VisionCandidate(name, precision, lambda pixels: session.run(None, {"pixel_values": pixels})[0])
+
+
+def openvino_candidate(model: Any, name: str, precision: str, inference_precision: str | None = None) -> VisionCandidate:
+    """`model`: a path OpenVINO reads (ONNX or IR .xml) or an openvino.Model."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if inference_precision:
+        config["INFERENCE_PRECISION_HINT"] = inference_precision
+    compiled = core.compile_model(core.read_model(str(model)) if isinstance(model, (str, Path)) else model, "CPU", config)
+    request = compiled.create_infer_request()
+    return VisionCandidate(name, precision, lambda pixels: np.array(request.infer({0: pixels})[0]))
 
 
 def parse_args(doc: str, add: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
@@ -36,35 +67,33 @@ def parse_args(doc: str, add: Callable[[argparse.ArgumentParser], None] | None =
     return ap.parse_args()
 
 
-def verify_pixels(artifacts: Artifacts, folder: Path) -> np.ndarray:
-    pre = Preprocessor(PreprocessConfig.from_json(artifacts.manifest["preprocessing"]))
-    return np.stack([pre(open_image(p, p.name), p.name) for p in write_images(folder)])
+def preprocessor(artifacts: Artifacts) -> Preprocessor:
+    return Preprocessor(PreprocessConfig.from_json(artifacts.manifest["preprocessing"]))
 
 
-def ort_runner(path: Path) -> Runner:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])  # as the runtime runs it
-    return lambda pixels: session.run(None, {"pixel_values": pixels})[0]
+def verify_pixels(artifacts: Artifacts, folder: Path, seed: int = 0) -> np.ndarray:
+    pre = preprocessor(artifacts)
+    return np.stack([pre(open_image(p, p.name), p.name) for p in write_images(folder, seed=seed)])
 
 
-def embed_all(run: Runner, pixels: np.ndarray, batch: int = 6) -> np.ndarray:
-    return np.concatenate([run(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+def embed_all(candidate: VisionCandidate, pixels: np.ndarray, batch: int = 6) -> np.ndarray:
+    return np.concatenate([candidate.embed_images(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
 
 
-def p50_seconds(runners: dict[str, Runner], pixels: np.ndarray, rounds: int) -> dict[str, float]:
-    """Batch-1 p50 of every runner, timed in interleaved rounds."""
-    one = pixels[:1]
-    times = time_calls([lambda run=run: run(one) for run in runners.values()], min_calls=rounds, min_seconds=0.0)
-    return {name: float(np.median(t)) for name, t in zip(runners, times)}
+def p50_seconds(candidates: dict[str, VisionCandidate], pixels: np.ndarray, rounds: int, batch: int = 1) -> dict[str, float]:
+    """Per-image p50 of every candidate at `batch`, timed in interleaved rounds."""
+    some = pixels[:batch]
+    times = time_calls([lambda c=c: c.embed_images(some) for c in candidates.values()], min_calls=rounds, min_seconds=0.0,
+                       clocks=[device_clock(c) for c in candidates.values()])
+    return {name: float(np.median(t)) / batch for name, t in zip(candidates, times)}
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum(a * b, axis=1).min())
 
 
-def report(rows: list[dict], args: argparse.Namespace) -> None:
+def report(rows: list[dict], args: argparse.Namespace, **extra: Any) -> None:
     for row in rows:
         print(json.dumps(row), flush=True)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"rounds": args.rounds, "rows": rows}, indent=1) + "\n")
+        Path(args.json_out).write_text(json.dumps({"rounds": args.rounds, **extra, "rows": rows}, indent=1) + "\n")

@@ -17,7 +17,8 @@ from pickscore_runtime.preprocess import PreprocessConfig
 from pickscore_runtime.tokenizer import ClipTokenizer
 from pickscore_runtime.towers import TOWERS, tower_specs
 
-from . import onnx_export
+from . import onnx_export, stress
+from .samples import calibration_pixels
 from .source import ModelSource, load_clip, read_preprocessing, read_tokenizer_settings, tokenizer_files
 
 log = logging.getLogger("pickscore")
@@ -26,7 +27,10 @@ EXPORTABLE = ("fp32", "fp16", "int8")
 NUMERICS = {
     "fp32": "fp32",
     "fp16": "fp16 weights/compute; LayerNorm, softmax, reductions, pow, sqrt, final L2 norm in fp32; fp32 IO",
-    "int8": "dynamic quantisation: int8 per-tensor MatMul/Gemm weights, uint8 activations quantised per call; rest fp32",
+    "int8": (f"SmoothQuant (alpha {onnx_export.INT8_SMOOTH_ALPHA}, on matmul inputs whose channel maxima reach "
+             f"{onnx_export.INT8_SMOOTH_MIN_OUTLIER_RATIO:g}x their median; calibrated on "
+             f"{onnx_export.INT8_CALIBRATION_IMAGES} generated images) folded into the fp32 graph, then dynamic "
+             "quantisation: int8 per-tensor MatMul/Gemm weights, uint8 activations quantised per call; rest fp32"),
 }
 
 
@@ -81,8 +85,12 @@ def _export_into(stage: Path, source: ModelSource, precisions: list[str], opset:
     tokenizer = ClipTokenizer(files / "tokenizer.json", tokenizer_settings["max_length"], tokenizer_settings["pad_token"])
     dims = model_dims(clip.config)
     specs = tower_specs(dims["embed_dim"], dims["image_size"])
+    model_record = {"name": "pickscore_v1", "random_weights": source.random_init, "source": source.describe()}
+    if source.random_init:  # what the random (or stress) model's activations look like: see export/stress.py
+        model_record["stress"] = getattr(clip, "pickscore_stress", None)
+        model_record["activation_stats"] = stress.activation_stats(clip, *stress.calibration_inputs(files))
     shutil.copyfile(files / "tokenizer.json", stage / "tokenizer.json")
-    towers = {}
+    towers, int8_summary = {}, {}
     for tower in TOWERS:
         spec = specs[tower]
         fp32 = stage / f"{tower}.fp32.onnx"
@@ -90,7 +98,10 @@ def _export_into(stage: Path, source: ModelSource, precisions: list[str], opset:
         progress(f"exporting {tower} tower (fp32, opset {opset})")
         onnx_export.export_fp32(tower_module(clip, tower), spec, fp32, opset, (tokenizer.bos_id, tokenizer.eos_id))
         derive = {"fp16": lambda dst: onnx_export.convert_fp16(fp32, dst, spec),
-                  "int8": lambda dst: onnx_export.quantize_int8(fp32, dst)}
+                  "int8": lambda dst: int8_summary.update(onnx_export.quantize_int8(
+                      fp32, dst, smooth_alpha=onnx_export.INT8_SMOOTH_ALPHA,
+                      calibration=calibration_pixels(PreprocessConfig.from_json(preprocessing),
+                                                     onnx_export.INT8_CALIBRATION_IMAGES)) or {})}
         variants = {}
         for precision in precisions:
             if precision == "int8" and tower not in onnx_export.INT8_TOWERS:
@@ -101,13 +112,15 @@ def _export_into(stage: Path, source: ModelSource, precisions: list[str], opset:
                 progress(f"deriving {tower} tower {precision} from fp32")
                 derive[precision](path)
             variants[precision] = _variant(path, stage, opset, NUMERICS[precision])
+            if precision == "int8" and int8_summary:
+                variants[precision]["smoothquant"] = dict(int8_summary)
         if not any(v["files"][0]["path"] == fp32.name for v in variants.values()):
             _remove_with_data(fp32)
         towers[tower] = {"io": spec.to_json(), "precisions": variants}
         progress(f"{tower} tower done in {time.perf_counter() - t0:.0f} s")
     write_manifest(stage, {
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": "pickscore_v1", "random_weights": source.random_init, "source": source.describe()},
+        "model": model_record,
         "dims": dims,
         "logit_scale": float(clip.logit_scale.item()),
         "preprocessing": preprocessing,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -137,8 +138,13 @@ def external_data_file(path: Path) -> Path | None:
 
 
 def convert_fp16(src: Path, dst: Path, spec: TowerSpec) -> None:
+    """The fp16 graph is THE precision plan of every GPU engine: strongly typed builders (TensorRT 11
+    builds nothing else) run exactly the types it declares. So every precision change in it is an
+    explicit Cast, and the saved file must pass ONNX's full check (type constraints, strict shape
+    inference) before it ships."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(str(src))  # with its external data
     output_producer = [n.name for n in model.graph.node if spec.output.name in n.output]
@@ -150,9 +156,29 @@ def convert_fp16(src: Path, dst: Path, spec: TowerSpec) -> None:
     # The exporter's value_info still says fp32 for tensors that are fp16 now; stale annotations make
     # shape inference (and stricter parsers such as TensorRT's) reject the graph, so drop them.
     del model16.graph.value_info[:]
+    _drop_noop_initializer_casts(model16.graph)
+    # The converter appends the Casts it inserts after the nodes that consume them; ONNX requires
+    # topological order (onnx.checker and TensorRT's parser refuse the graph otherwise).
+    OnnxModel.graph_topological_sort(model16.graph)
     external = sum(_tensor_nbytes(t) for t in model16.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     onnx.save(model16, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
               location=dst.name + ".data" if external else None)
+    onnx.checker.check_model(str(dst), full_check=True)  # from the path: works past protobuf's 2 GB
+
+
+def _drop_noop_initializer_casts(graph) -> None:
+    """The converter casts an fp32 initializer that only kept-fp32 ops read (one tensor shared by several
+    LayerNorms, as the exporter deduplicates equal weights) to fp32: a Cast that changes nothing. Its
+    consumers read the initializer itself instead."""
+    dtype = {t.name: t.data_type for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    noop = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast" and n.output[0] not in outputs
+            and dtype.get(n.input[0]) == next(a.i for a in n.attribute if a.name == "to")}
+    kept = [n for n in graph.node if not (n.op_type == "Cast" and n.output[0] in noop)]
+    for node in kept:
+        node.input[:] = [noop.get(name, name) for name in node.input]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _tensor_nbytes(t) -> int:
@@ -164,6 +190,12 @@ def _tensor_nbytes(t) -> int:
 # Dynamic quantisation: int8 weights for the matmuls that hold >95 % of the
 # FLOPs; activations quantised per call. The patch-embedding Conv and everything else stay fp32.
 INT8_OPS = ["MatMul", "Gemm"]
+# SmoothQuant before quantising (export/smooth.py): with the activation outliers of trained ViTs (stress
+# weights) plain dynamic int8 failed gate v2 (min image cosine 0.9991, 24 decisive pairs flipped);
+# smoothed at alpha 0.5 it reached 0.99988 there. alpha 0.8 moved too much into the weights (0.9979).
+INT8_SMOOTH_ALPHA = 0.5
+INT8_SMOOTH_MIN_OUTLIER_RATIO = 5.0  # inputs with fewer outliers are not smoothed (see export/smooth.py)
+INT8_CALIBRATION_IMAGES = 32
 # Only the vision tower is quantised. Measured on the full architecture: int8 text embeddings reached
 # cosine 0.998 (vs 0.9996 for vision) and dominated the score error, while the text tower costs 7x less
 # than the vision tower per item and its outputs are cached.
@@ -171,17 +203,52 @@ INT8_TOWERS = ("vision",)
 INT8_SKIPPED_NOTE = "fp32 (the text tower is not quantised: see INT8_TOWERS in export/onnx_export.py)"
 
 
-def quantize_int8(src: Path, dst: Path, per_channel: bool = False, attention_matmuls: bool = False) -> None:
-    # The defaults are what ships. per_channel=False: as fast as per-channel and the more accurate one
+def mlp_down_projections(model_path: Path) -> list[str]:
+    """The MatMuls that reduce features at least 2x (the MLP's second matmul, 4d -> d), found by their
+    constant weight's shape: the inputs that carry the MLP's outlier units (benchmarks/QUANTIZATION.md)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and len(shapes.get(n.input[1], [])) == 2
+            and shapes[n.input[1]][0] >= 2 * shapes[n.input[1]][1]]
+
+
+KEEP_FP32_ROLES = {"mlp_down": mlp_down_projections}
+
+
+def quantize_int8(src: Path, dst: Path, per_channel: bool = False, attention_matmuls: bool = False,
+                  smooth_alpha: float | None = None, calibration: np.ndarray | None = None,
+                  smooth_min_outlier_ratio: float = INT8_SMOOTH_MIN_OUTLIER_RATIO,
+                  keep_fp32: Sequence[str] = ()) -> dict | None:
+    """Dynamic int8 of `src`, SmoothQuant-ed first when smooth_alpha is given (calibration: preprocessed
+    pixels, never the verify set). Returns the smoothing summary, if any."""
+    # The defaults of export (build.py) are what ships: smoothed at INT8_SMOOTH_ALPHA, per-tensor weights. per_channel=False: as fast as per-channel and the more accurate one
     # on AVX2 CPUs (min image cosine 0.99979 vs 0.99945), a little less accurate on VNNI CPUs (0.99976 vs
     # 0.99985): benchmarks/QUANTIZATION.md. Trained weights with outlier channels may favour
     # per-channel: re-measure with `pickscore verify --precision int8` when they can be had.
     # attention_matmuls=False: attention's activation x activation matmuls stay fp32; quantising them
     # measured no speed difference beyond noise.
+    import tempfile
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(src), str(dst), op_types_to_quantize=INT8_OPS, per_channel=per_channel, weight_type=QuantType.QInt8,
-        use_external_data_format=False,  # int8 towers are < 1 GB: one self-contained file
-        extra_options={"MatMulConstBOnly": not attention_matmuls},
-    )
+    from .smooth import smooth_quant
+
+    summary = None
+    with tempfile.TemporaryDirectory(prefix="smoothquant-", dir=dst.parent) as tmp:
+        if smooth_alpha is not None:
+            if calibration is None:
+                raise ValueError("SmoothQuant needs calibration pixels")
+            smoothed = Path(tmp) / src.name
+            summary = smooth_quant(src, smoothed, calibration, smooth_alpha, smooth_min_outlier_ratio)
+            src = smoothed if summary["applied"] else src
+        excluded = [name for role in keep_fp32 for name in KEEP_FP32_ROLES[role](src)]
+        quantize_dynamic(
+            str(src), str(dst), op_types_to_quantize=INT8_OPS, per_channel=per_channel, weight_type=QuantType.QInt8,
+            use_external_data_format=False,  # int8 towers are < 1 GB: one self-contained file
+            nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": not attention_matmuls},
+        )
+        if keep_fp32:
+            summary = {**(summary or {}), "kept_fp32": {"roles": list(keep_fp32), "matmuls": len(excluded)}}
+    return summary

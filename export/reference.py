@@ -1,4 +1,5 @@
-"""The PyTorch reference: the PickScore model card's code path through transformers, fp32 on the CPU.
+"""The PyTorch reference: the PickScore model card's code path through transformers, fp32 (on the CPU, or
+on a GPU with TF32 off: `device="cuda"`).
 
     inputs = processor(images=..., return_tensors="pt"); processor(text=prompt, padding=True, truncation=True, max_length=77)
     embs = model.get_*_features(**inputs); embs = embs / torch.norm(embs, dim=-1, keepdim=True)
@@ -23,11 +24,15 @@ from pickscore_runtime.backends.torch_backend import features
 from .source import ModelSource, load_clip, tokenizer_files
 
 class Reference:
-    def __init__(self, source: ModelSource, model=None):
+    def __init__(self, source: ModelSource, model=None, device: str = "cpu"):
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPProcessor
 
         files = tokenizer_files(source)
-        self.model = model if model is not None else load_clip(source)
+        if device != "cpu":  # fp32 means fp32 on a GPU too: TF32 matmuls and convolutions off
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.device = device
+        self.model = (model if model is not None else load_clip(source)).to(device)
         self.processor = CLIPProcessor(
             image_processor=CLIPImageProcessorPil.from_pretrained(files), tokenizer=AutoTokenizer.from_pretrained(files)
         )
@@ -37,8 +42,8 @@ class Reference:
         out = []
         for prompt in prompts:  # one prompt per call, as the model card scores
             inputs = self.processor(text=prompt, padding=True, truncation=True, max_length=77, return_tensors="pt")
-            embs = features(self.model.get_text_features(**inputs))
-            out.append((embs / torch.norm(embs, dim=-1, keepdim=True)).numpy())
+            embs = features(self.model.get_text_features(**inputs.to(self.device)))
+            out.append((embs / torch.norm(embs, dim=-1, keepdim=True)).cpu().numpy())
         return np.concatenate(out)
 
     @torch.inference_mode()
@@ -47,12 +52,12 @@ class Reference:
         for start in range(0, len(images), batch_size):
             batch = [Image.open(x) if isinstance(x, (str, Path)) else x for x in images[start : start + batch_size]]
             inputs = self.processor(images=batch, return_tensors="pt")
-            embs = features(self.model.get_image_features(**inputs))
-            out.append((embs / torch.norm(embs, dim=-1, keepdim=True)).numpy())
+            embs = features(self.model.get_image_features(**inputs.to(self.device)))
+            out.append((embs / torch.norm(embs, dim=-1, keepdim=True)).cpu().numpy())
         return np.concatenate(out)
 
     @torch.inference_mode()
     def calc_probs(self, text_emb: np.ndarray, image_embs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         text, imgs = torch.from_numpy(text_emb[None]), torch.from_numpy(image_embs)
-        scores = self.model.logit_scale.exp() * (text @ imgs.T)[0]
+        scores = self.model.logit_scale.cpu().exp() * (text @ imgs.T)[0]  # scoring stays on the CPU
         return scores.numpy(), torch.softmax(scores, dim=-1).numpy()

@@ -85,6 +85,16 @@ def in_mode(img: Image.Image, mode: str, seed: int) -> Image.Image:
     raise ValueError(mode)
 
 
+def calibration_pixels(config, n: int) -> np.ndarray:
+    """n generated images of assorted sizes, from seeds the verify set never uses, preprocessed by the
+    runtime (config: a PreprocessConfig): what quantisation calibrates on, so the gate stays held out."""
+    from pickscore_runtime.preprocess import Preprocessor
+
+    pre = Preprocessor(config)
+    sizes = [(224, 224), (512, 512), (640, 480), (480, 640), (1024, 768), (300, 900), (333, 250), (256, 256)]
+    return np.stack([pre(synthetic_image(*sizes[i % len(sizes)], seed=9000 + i)) for i in range(n)])
+
+
 def write_images(folder: Path, specs=IMAGE_SPECS, seed: int = 0) -> list[Path]:
     """Write the generated set into `folder`; returns the paths in a fixed order."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,18 @@ class ModelSource:
     model: str = KNOWN["hub_id"]  # hub id or local folder
     random_init: bool = False
     seed: int = 0
+    stress: bool = False  # with random_init: plant trained-ViT-like activation outliers (see stress.py)
     revision: str | None = None
     processor: str = KNOWN["processor_hub_id"]  # tokenizer/processor files when the model folder lacks them
+
+    def __post_init__(self) -> None:
+        if self.stress and not self.random_init:
+            raise ModelSourceError("--stress plants outliers into random weights: it needs --random-init")
+
+    @property
+    def weights_kind(self) -> str:
+        """'trained', 'random' or 'random+stress': what verify reports the gate ran on."""
+        return "trained" if not self.random_init else "random+stress" if self.stress else "random"
 
     @property
     def local_dir(self) -> Path | None:
@@ -53,7 +63,7 @@ class ModelSource:
             d["kind"] = "hub"
             d["revision"] = self.revision or "main"
         if self.random_init:
-            d["random_init"] = {"seed": self.seed, "logit_scale": KNOWN["logit_scale"]}
+            d["random_init"] = {"seed": self.seed, "logit_scale": KNOWN["logit_scale"], "stress": self.stress}
         return d
 
     @classmethod
@@ -62,14 +72,14 @@ class ModelSource:
         src = manifest["model"]["source"]
         random = src.get("random_init")
         return cls(model=src.get("path") or src["model"], random_init=bool(random),
-                   seed=int(random["seed"]) if random else 0,
+                   seed=int(random["seed"]) if random else 0, stress=bool(random and random.get("stress")),
                    revision=src.get("revision") if src.get("kind") == "hub" else None)
 
     def cache_key(self) -> dict[str, Any]:
         """Cheap identity for the user export cache (no hashing of gigabytes of weights)."""
         local = self.local_dir
         key: dict[str, Any] = {"model": self.model, "random_init": self.random_init, "seed": self.seed,
-                               "revision": self.revision}
+                               "stress": self.stress, "revision": self.revision}
         if local is not None:
             key["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                                   for p in [local / "config.json", *_weight_files(local)] if p.exists())
@@ -105,7 +115,13 @@ def load_clip(source: ModelSource):
             model = CLIPModel(config)
         with torch.no_grad():
             model.logit_scale.fill_(KNOWN["logit_scale"])
-        return model.eval()
+        model.eval()
+        if source.stress:
+            from . import stress
+
+            log.warning("planting trained-ViT-like activation outliers (--stress)")
+            model.pickscore_stress = stress.plant_outliers(model, source.seed, *stress.calibration_inputs(tokenizer_files(source)))
+        return model
     if local is not None and not _weight_files(local):
         raise ModelSourceError(_no_weights_message(source, f"no *.safetensors or *.bin in {local}"))
     try:
