@@ -1,4 +1,9 @@
-"""ONNX Runtime backends: `onnx-cpu` and `onnx-cuda` differ only in execution providers."""
+"""ONNX Runtime backends: `onnx-cpu` and `onnx-cuda` run the same sessions with other execution providers.
+
+`onnx-cpu` calls `session.run`. `onnx-cuda` runs through I/O binding (onnxruntime_io): the input goes to
+the GPU once, or is bound in place when it is already a device array, and the embeddings come back
+once; with `cuda_graphs=True` the vision tower replays CUDA graphs over bucketed batch sizes. TF32 is
+off on the GPU: fp32 means fp32, as in the reference."""
 
 from __future__ import annotations
 
@@ -7,9 +12,11 @@ import os
 import numpy as np
 
 from ..artifacts import Artifacts
+from ..device_arrays import device_view, is_device_array
 from ..errors import BackendUnavailableError
 from ..towers import TOWERS
 from .base import BackendBase
+from .onnxruntime_io import BoundRunner, BucketedRunner, GraphRunner, default_buckets
 
 PROVIDERS = {
     "onnx-cpu": ["CPUExecutionProvider"],
@@ -28,7 +35,18 @@ def cuda_provider_missing() -> str | None:
     have = available_providers()
     if "CUDAExecutionProvider" in have:
         return None
-    return f"this onnxruntime build has no CUDAExecutionProvider (has: {', '.join(have)})"
+    return (f"this onnxruntime build has no CUDAExecutionProvider (has: {', '.join(have)}); install onnxruntime-gpu "
+            "instead of onnxruntime: pip install 'pickscore-runtime[gpu]', then pip uninstall -y onnxruntime onnxruntime-gpu "
+            "and pip install onnxruntime-gpu (both wheels provide the same module, so the CPU one must go)")
+
+
+def providers(name: str, cuda_graph: bool = False, device_id: int = 0) -> list:
+    if name == "onnx-cpu":
+        return PROVIDERS[name]
+    cuda = {"device_id": str(device_id), "use_tf32": "0"}
+    if cuda_graph:
+        cuda["enable_cuda_graph"] = "1"
+    return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
 
 def session_options(threads: int | None = None):
@@ -43,22 +61,38 @@ def session_options(threads: int | None = None):
 
 
 class OnnxRuntimeBackend(BackendBase):
-    def __init__(self, artifacts: Artifacts, name: str, precision: str, batch_size: int, threads: int | None = None):
+    def __init__(self, artifacts: Artifacts, name: str, precision: str, batch_size: int, threads: int | None = None,
+                 cuda_graphs: bool = False, graph_buckets: tuple[int, ...] | None = None):
         import onnxruntime as ort
 
         if name not in PROVIDERS:
             raise ValueError(f"unknown ONNX Runtime backend {name!r}; known: {sorted(PROVIDERS)}")
         if PROVIDERS[name][0] not in ort.get_available_providers():
-            raise BackendUnavailableError(f"backend {name}: {cuda_provider_missing()}; on an NVIDIA machine install the "
-                                          "[gpu] extra (onnxruntime-gpu, which replaces onnxruntime)")
+            raise BackendUnavailableError(f"backend {name}: {cuda_provider_missing()}")
         self.name, self.precision, self.batch_size = name, precision, batch_size
         self.device = "cuda" if name == "onnx-cuda" else "cpu"
         self._specs = artifacts.specs()
         options = session_options(threads)
         self._sessions = {tower: ort.InferenceSession(str(artifacts.tower_file(tower, precision)), options,
-                                                      providers=PROVIDERS[name]) for tower in TOWERS}
+                                                      providers=providers(name)) for tower in TOWERS}
+        self._runners = {}  # onnx-cuda: I/O binding; onnx-cpu runs the sessions as they are
+        if self.device == "cuda":
+            self._runners = {t: BoundRunner(self._sessions[t], self._specs[t], "cuda") for t in TOWERS}
+            if cuda_graphs:
+                vision = str(artifacts.tower_file("vision", precision))
+                axis = self._specs["vision"].input.dynamic_axes()[0]
+
+                def bucket_session(batch: int):
+                    fixed = session_options(threads)
+                    fixed.add_free_dimension_override_by_name(axis, batch)
+                    return ort.InferenceSession(vision, fixed, providers=providers(name, cuda_graph=True))
+
+                buckets = BucketedRunner(bucket_session, self._specs["vision"], graph_buckets or default_buckets(batch_size), "cuda")
+                self._runners["vision"] = GraphRunner(buckets, self._runners["vision"])
 
     def _run(self, tower: str, array: np.ndarray) -> np.ndarray:
+        if tower in self._runners:
+            return self._runners[tower].run(array)
         spec = self._specs[tower]
         spec.input.check(array)
         (out,) = self._sessions[tower].run([spec.output.name], {spec.input.name: array})
@@ -68,12 +102,17 @@ class OnnxRuntimeBackend(BackendBase):
         return self._run("text", input_ids)
 
     def embed_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        if self.device == "cuda" and is_device_array(pixel_values):
+            # bound in place; like any I/O binding, the producer must have finished writing it
+            return self._run("vision", device_view(pixel_values))
         return self._run("vision", np.asarray(pixel_values))
 
     def close(self) -> None:
-        self._sessions = {}
+        self._sessions, self._runners = {}, {}
 
 
 def create(artifacts: Artifacts, name: str, precision: str, batch_size: int, threads: int | None = None,
-                 **_: object) -> OnnxRuntimeBackend:
-    return OnnxRuntimeBackend(artifacts, name, precision, batch_size, threads)
+           cuda_graphs: bool = False, graph_buckets: tuple[int, ...] | None = None, **_: object) -> OnnxRuntimeBackend:
+    """cuda_graphs (onnx-cuda): replay CUDA graphs for the vision tower, one fixed-shape session per
+    batch bucket (graph_buckets; default 1, 8 and batch_size), each holding its own copy of the weights."""
+    return OnnxRuntimeBackend(artifacts, name, precision, batch_size, threads, cuda_graphs, graph_buckets)

@@ -9,11 +9,13 @@ import importlib
 import importlib.util
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 from ..artifacts import Artifacts
 from ..errors import BackendUnavailableError, PickScoreError
+from ..gate_records import failed_gates
 from .base import Backend
 
 log = logging.getLogger("pickscore")
@@ -36,7 +38,7 @@ def _no_nvidia_gpu() -> str | None:
 def _probe_onnx_cuda() -> str | None:
     from .onnxruntime import cuda_provider_missing
 
-    return cuda_provider_missing()
+    return cuda_provider_missing() or _no_nvidia_gpu()  # onnxruntime-gpu lists its provider without a GPU
 
 
 def _probe_tensorrt() -> str | None:
@@ -97,6 +99,10 @@ def backend_info(name: str) -> BackendInfo:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}") from None
 
 
+class GateWarning(UserWarning):
+    """auto passed over a precision that failed its numerics gate on these artifacts."""
+
+
 def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | None, auto: bool = False) -> str:
     """The precision `info` will run: the one asked for (if it can), else its first preference that the
     artifacts carry (backends built from weights run any of theirs)."""
@@ -109,8 +115,13 @@ def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | 
                 f"{artifacts.root} has no {precision} towers (has: {', '.join(have)}); "
                 f"export them with `pickscore export --precision {precision}`")
         return precision
+    failed = failed_gates(artifacts.root, artifacts.fingerprint, info.name) if auto else {}
     for p in (info.auto_precisions if auto else info.precisions):
-        if p in have:
+        if p in have and p in failed:
+            warnings.warn(f"auto: not {p} on {info.name}: it failed `pickscore verify` on these artifacts "
+                          f"({'; '.join(failed[p]) or 'see gate.json'}); ask for it with --precision {p}",
+                          GateWarning, stacklevel=3)
+        elif p in have:
             return p
     raise BackendUnavailableError(f"backend {info.name} runs {', '.join(info.precisions)}, but {artifacts.root} "
                                   f"has only {', '.join(have)}")

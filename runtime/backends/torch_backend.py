@@ -1,7 +1,8 @@
 """The torch backends: transformers' CLIPModel towers, built from the weights (not from ONNX).
 
 `torch` is the model card's code path on the CPU (fp32; bf16 = autocast, what a CPU user tries first).
-`torch-cuda` runs the towers on the GPU in fp16 or bf16 (or fp32 with TF32 off) with SDPA attention, and
+`torch-cuda` runs the towers on the GPU in fp16 or bf16 (or fp32 with TF32 off) with transformers' default attention
+(SDPA where torch has it, as here: config._attn_implementation), and
 is the baseline GPU numbers are compared against. This module imports torch; it is imported only when
 one of these backends is chosen.
 """
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ..artifacts import Artifacts
+from ..device_arrays import is_device_array
 from ..optional import export_tools
 from .base import BackendBase
 
@@ -91,8 +93,19 @@ class TorchBackend(BackendBase):
         return self.submit_images(pixel_values).result()
 
     def submit_images(self, pixel_values: Any) -> _PendingTensor:
-        x = pixel_values if isinstance(pixel_values, torch.Tensor) else torch.from_numpy(np.asarray(pixel_values))
-        return _PendingTensor(self._run("vision", x.to(self.device, dtype=self._input_dtype, non_blocking=True)))
+        return _PendingTensor(self._run("vision", self.input_tensor(pixel_values)))
+
+    def input_tensor(self, pixel_values: Any) -> torch.Tensor:
+        """pixel_values as the tensor the tower runs on. A tensor already on this device in the compute
+        dtype is used as it is (no copy); any other device array (CuPy, JAX: __dlpack__ or
+        __cuda_array_interface__) is wrapped without a copy first; only a dtype or device change copies."""
+        if isinstance(pixel_values, torch.Tensor):
+            x = pixel_values
+        elif is_device_array(pixel_values):
+            x = torch.from_dlpack(pixel_values) if hasattr(pixel_values, "__dlpack__") else torch.as_tensor(pixel_values, device="cuda")
+        else:
+            x = torch.from_numpy(np.asarray(pixel_values))
+        return x.to(self.device, dtype=self._input_dtype, non_blocking=True)
 
     def synchronize(self) -> None:
         if self.device == "cuda":
