@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pickscore_runtime.bench import STAGES, bench_inputs, stage_call
+from pickscore_runtime.bench import DEFAULT_STAGES as STAGES, bench_inputs, stage_call
 
 
 @pytest.fixture(scope="session")

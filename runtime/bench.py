@@ -1,10 +1,13 @@
 """`pickscore bench`: every backend measured side by side in one process, on the same inputs, as
-comparable rows {backend, precision, device, stage, batch_size, items_per_s, p50_ms, p95_ms, peak_rss_mb}.
+comparable rows {backend, precision, device, stage, batch_size, items_per_s, p50_ms, p95_ms, peak_rss_mb,
+gpu_mem_mb}.
 
 Backends are (registry name, precision) pairs: `torch:fp32` is the model card's PyTorch code,
 `torch:bf16` the same under CPU autocast, `onnx-cpu:int8` the runtime's fast CPU path. Each backend is
 timed with its own clock, which waits for the device before reading the time (timm's
-`cuda_timestamp` idea), so GPU numbers are not launch times.
+`cuda_timestamp` idea), so GPU numbers are not launch times. gpu_mem_mb is the device memory in use
+(every process's, as cudaMemGetInfo reports it) at its peak while the row was timed, for rows of cuda
+backends: like peak_rss_mb, interleaved rows share one figure for all the backends held at once.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -24,10 +28,14 @@ from PIL import Image
 
 from .artifacts import Artifacts
 from .backends import Backend, create_backend
+from .errors import PickScoreError
 from .optional import require
+from .pipeline import default_workers
 from .scorer import PickScorer
 
-STAGES = ("vision", "text", "text-cached", "e2e")
+STAGES = ("vision", "text", "text-cached", "e2e", "e2e-png", "tensors-exact", "tensors-fast")
+DEFAULT_STAGES = STAGES[:5]  # the tensors stages are asked for by name (RL reward loops, the GPU acceptance)
+TENSOR_SIZE = 512  # tensors stages: uint8 RGB generations of this size, as an RL loop holds them
 BENCH_PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
     "a cozy cabin in the snowy mountains at dusk, warm light in the windows, highly detailed",
@@ -47,6 +55,7 @@ class Row:
     p50_ms: float
     p95_ms: float
     peak_rss_mb: float
+    gpu_mem_mb: float | None = None  # cuda backends only
 
 
 def bench_prompts(n: int) -> list[str]:
@@ -68,23 +77,49 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def gpu_memory_probe() -> Callable[[], float] | None:
+    """MiB of device memory in use, through cuda-python, else through torch when a torch backend already
+    loaded it; None when neither can tell."""
+    try:
+        from .cuda_memory import memory_in_use_mb
+
+        memory_in_use_mb()
+        return memory_in_use_mb
+    except PickScoreError:
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return lambda: (lambda free, total: (total - free) / 2**20)(*torch.cuda.mem_get_info())
+    return None
+
+
 class PeakRss:
-    """Samples resident memory every 50 ms while the block runs."""
+    """Samples resident memory (and device memory, given a probe) every 50 ms while the block runs."""
+
+    def __init__(self, gpu: Callable[[], float] | None = None):
+        self._gpu = gpu
+        self.gpu_peak: float | None = None
 
     def __enter__(self) -> "PeakRss":
         self.peak, self._stop = _rss_mb(), threading.Event()
+        self._measure()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
+    def _measure(self) -> None:
+        self.peak = max(self.peak, _rss_mb())
+        if self._gpu is not None:
+            self.gpu_peak = max(self.gpu_peak or 0.0, self._gpu())
+
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, _rss_mb())
+            self._measure()
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_mb())
+        self._measure()
 
 
 def device_clock(backend: Backend) -> Callable[[], float]:
@@ -119,11 +154,13 @@ def time_calls(fns: Sequence[Callable[[], object]], min_calls: int, min_seconds:
     return times
 
 
-def row_from_times(backend: Backend, stage: str, batch: int, items_per_call: int, times: list[float], peak: float) -> Row:
+def row_from_times(backend: Backend, stage: str, batch: int, items_per_call: int, times: list[float], peak: float,
+                   gpu_peak: float | None = None) -> Row:
     ms = np.array(times) * 1000
+    gpu = round(gpu_peak) if gpu_peak is not None and backend.device == "cuda" else None
     return Row(backend.name, backend.precision, backend.device, stage, batch,
                round(items_per_call * len(times) / sum(times), 3),
-               round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 95)), 3), round(peak))
+               round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 95)), 3), round(peak), gpu)
 
 
 def open_backends(artifacts: Artifacts, specs: Sequence[tuple[str, str | None]], model_source: Any,
@@ -150,18 +187,26 @@ class BenchInputs:
     input_ids: np.ndarray  # tokenised prompts (padded), one per batch slot
     prompts: list[str]
     jpegs: list[str]  # a generated folder of JPEGs for the end-to-end stage
+    pngs: list[str]  # the same images as PNGs (e2e-png)
+    tensors: np.ndarray  # uint8 [max_batch, 3, TENSOR_SIZE, TENSOR_SIZE] (tensors-exact, tensors-fast)
 
 
-def bench_inputs(scorer: PickScorer, max_batch: int, folder: Path, n_jpegs: int) -> BenchInputs:
+def bench_inputs(scorer: PickScorer, max_batch: int, folder: Path, n_jpegs: int,
+                 stages: Sequence[str] = STAGES) -> BenchInputs:
     """Deterministic inputs built by the runtime's own tokenizer and preprocessing."""
     prompts = bench_prompts(max_batch)
     images = bench_images(max(max_batch, n_jpegs))
-    jpegs = []
+    jpegs, pngs = [], []
     for i, img in enumerate(images[:n_jpegs]):
-        jpegs.append(str(folder / f"bench_{i:03d}.jpg"))
-        img.save(jpegs[-1], "JPEG", quality=90)
+        if "e2e" in stages:
+            jpegs.append(str(folder / f"bench_{i:03d}.jpg"))
+            img.save(jpegs[-1], "JPEG", quality=90)
+        if "e2e-png" in stages:
+            pngs.append(str(folder / f"bench_{i:03d}.png"))
+            img.save(pngs[-1], "PNG")
+    tensors = np.stack([np.asarray(img.resize((TENSOR_SIZE, TENSOR_SIZE))).transpose(2, 0, 1) for img in images[:max_batch]])
     return BenchInputs(np.stack([scorer.preprocessor(img) for img in images[:max_batch]]),
-                       scorer.tokenizer(prompts).input_ids, prompts, jpegs)
+                       scorer.tokenizer(prompts).input_ids, prompts, jpegs, pngs, tensors)
 
 
 def stage_call(scorer: PickScorer, stage: str, batch: int, inputs: BenchInputs) -> tuple[Callable[[], object], int]:
@@ -173,14 +218,21 @@ def stage_call(scorer: PickScorer, stage: str, batch: int, inputs: BenchInputs) 
         return (lambda: backend.embed_text(inputs.input_ids[:batch])), batch
     if stage == "text-cached":  # tokenise + cache lookup; the first (warm-up) call fills the cache
         return (lambda: scorer.embed_text(inputs.prompts[:batch])), batch
-    if stage == "e2e":  # files on disk -> decode/preprocess pool -> batches -> scores
-        work = [(inputs.prompts[0], inputs.jpegs)]
-        return (lambda: list(scorer.score_many(work, batch_size=batch))), len(inputs.jpegs)
+    if stage in ("e2e", "e2e-png"):  # files on disk -> decode/preprocess pool -> batches -> scores
+        files = inputs.jpegs if stage == "e2e" else inputs.pngs
+        work = [(inputs.prompts[0], files)]
+        return (lambda: list(scorer.score_many(work, batch_size=batch))), len(files)
+    if stage.startswith("tensors-"):  # an RL step: a batch of generations already in memory -> rewards
+        batch_tensor: Any = inputs.tensors[:batch]
+        if backend.device == "cuda":  # where a GPU trainer holds them
+            batch_tensor = require("torch", "tensors stages on a GPU").from_numpy(batch_tensor).cuda()
+        return (lambda: scorer.score_tensors(inputs.prompts[:batch], batch_tensor, stage.split("-")[1])), batch
     raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
 
 
 def run_bench(artifacts_dir: str | Path, backends: Sequence[tuple[str, str | None]], batch_sizes: Sequence[int],
-              stages: Sequence[str] = STAGES, model_source: Any = None, threads: int | None = None, min_calls: int = 3,
+              stages: Sequence[str] = DEFAULT_STAGES, model_source: Any = None, threads: int | None = None,
+              workers: int | None = None, min_calls: int = 3,
               min_seconds: float = 2.0, n_jpegs: int | None = None, interleave: bool = True,
               progress: Callable[[str], None] = print) -> dict:
     """interleave=True: every backend is open at once, and for each batch size every (backend, stage)
@@ -194,18 +246,19 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[tuple[str, str | Non
     with tempfile.TemporaryDirectory(prefix="pickscore-bench-") as tmp:
         inputs = None
         for group in groups:
-            scorers = [PickScorer.from_backend(artifacts, b) for b in open_backends(artifacts, group, model_source, threads)]
-            inputs = inputs or bench_inputs(scorers[0], max(batch_sizes), Path(tmp), n_jpegs)
+            scorers = [PickScorer.from_backend(artifacts, b, workers=workers) for b in open_backends(artifacts, group, model_source, threads)]
+            inputs = inputs or bench_inputs(scorers[0], max(batch_sizes), Path(tmp), n_jpegs, stages)
+            gpu = gpu_memory_probe() if any(s.backend.device == "cuda" for s in scorers) else None
             for b in batch_sizes:
                 cells = [(scorer, stage) for stage in stages for scorer in scorers]
                 blocks = [cells] if interleave else [[cell] for cell in cells]
                 for block in blocks:
                     calls = [stage_call(scorer, stage, b, inputs) for scorer, stage in block]
-                    with PeakRss() as rss:
+                    with PeakRss(gpu) as rss:
                         times = time_calls([call for call, _ in calls], min_calls, min_seconds,
                                            [device_clock(scorer.backend) for scorer, _ in block])
                     for (scorer, stage), (_, items), t in zip(block, calls, times):
-                        rows.append(row_from_times(scorer.backend, stage, b, items, t, rss.peak))
+                        rows.append(row_from_times(scorer.backend, stage, b, items, t, rss.peak, rss.gpu_peak))
                         progress(json.dumps(asdict(rows[-1])))
             for scorer in scorers:
                 scorer.close()
@@ -213,20 +266,27 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[tuple[str, str | Non
     engines = list(dict.fromkeys((r.backend, r.precision) for r in rows))  # in --backends order
     rows.sort(key=lambda r: (engines.index((r.backend, r.precision)), STAGES.index(r.stage), r.batch_size))
     return {"machine": machine_info(threads), "artifacts": str(artifacts_dir), "random_weights": artifacts.random_weights,
-            "interleaved": interleave, "n_jpegs_e2e": n_jpegs, "rows": [asdict(r) for r in rows]}
+            "interleaved": interleave, "n_jpegs_e2e": n_jpegs, "e2e_workers": workers or default_workers(), "rows": [asdict(r) for r in rows]}
+
+
+SIMD_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
 
 
 def machine_info(threads: int | None) -> dict:
     import onnxruntime
 
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            lines = f.read().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+        flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     except OSError:
         pass
+    # The same VM name has come with and without AVX-512 VNNI / BF16: int8 and bf16 speeds hinge on them.
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
+            "onnxruntime": onnxruntime.__version__, "platform": platform.platform(),
+            "simd": sorted(flags & SIMD_FLAGS)}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -259,9 +319,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| backend | precision | device | stage | batch | items/s | p50 ms | p95 ms | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | precision | device | stage | batch | items/s | p50 ms | p95 ms | peak RSS MB | GPU MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        gpu = "-" if r.get("gpu_mem_mb") is None else f"{r['gpu_mem_mb']:.0f}"
         lines.append(f"| {r['backend']} | {r['precision']} | {r.get('device', 'cpu')} | {r['stage']} | {r['batch_size']} | "
-                     f"{r['items_per_s']:.3f} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['items_per_s']:.3f} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['peak_rss_mb']:.0f} | {gpu} |")
     return "\n".join(lines)

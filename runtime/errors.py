@@ -39,3 +39,15 @@ class ImageError(PickScoreError):
 
 class PromptError(PickScoreError):
     """One prompt cannot be used (empty, not a string)."""
+
+
+class RewardError(PickScoreError):
+    """Some images could not be scored and the reward function was told to raise: a reward function
+    never hands a trainer NaN rewards unless asked to (on_error="nan")."""
+
+    @classmethod
+    def raise_for(cls, errors: "list[str | None]", on_error: str) -> None:
+        failed = {i: e for i, e in enumerate(errors) if e}
+        if failed and on_error == "raise":
+            raise cls(f"{len(failed)} image(s) could not be scored: "
+                      + "; ".join(f"#{i}: {e}" for i, e in list(failed.items())[:5]))

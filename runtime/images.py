@@ -39,7 +39,9 @@ def _open_encoded(data: io.BytesIO | Path, name: str) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageError(name, f"refused as a decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(name, f"cannot decode ({type(e).__name__}: {e})") from None
+        # Pillow names the stream by repr(): a memory address for bytes, which must not reach a client
+        reason = str(e).replace(" " + repr(data), "") if isinstance(data, io.BytesIO) else str(e)
+        raise ImageError(name, f"cannot decode ({type(e).__name__}: {reason})") from None
 
 
 def open_lazily(item: ImageInput, name: str) -> Image.Image:

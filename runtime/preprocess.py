@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ImageError
+from .resample import crop_box, output_size
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 # The resized intermediate of an extreme aspect ratio (say 100000x1) would need gigabytes; the
@@ -65,22 +66,20 @@ class Preprocessor:
         self._std = np.array(config.image_std, dtype=np.float32)
         self._resample = _RESAMPLE[config.resample]
 
-    def __call__(self, img: Image.Image, name: str = "image") -> np.ndarray:
-        """One decoded image -> float32 [3, crop, crop]."""
+    def __call__(self, img: Image.Image, name: str = "image", reducing_gap: float | None = None) -> np.ndarray:
+        """One decoded image -> float32 [3, crop, crop]. reducing_gap (not the reference's): PIL first
+        shrinks by an integer factor with a box filter, then resamples; faster, no longer exact."""
         cfg = self.config
         try:
             rgb = to_rgb(img)
         except (OSError, ValueError) as e:
             raise ImageError(name, f"cannot convert mode {img.mode} to RGB ({e})") from None
         w, h = rgb.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(cfg.shortest_edge * long / short)
-        if new_long * cfg.shortest_edge > MAX_RESIZED_PIXELS:
+        size = output_size(w, h, cfg.shortest_edge)
+        if size[0] * size[1] > MAX_RESIZED_PIXELS:
             raise ImageError(name, f"aspect ratio of {w}x{h} is too extreme to preprocess (max {MAX_RESIZED_PIXELS} px after resize)")
-        size = (cfg.shortest_edge, new_long) if w <= h else (new_long, cfg.shortest_edge)
-        pixels = np.asarray(rgb.resize(size, resample=self._resample))
-        new_w, new_h = size
-        top, left = (new_h - cfg.crop_size) // 2, (new_w - cfg.crop_size) // 2
+        pixels = np.asarray(rgb.resize(size, resample=self._resample, reducing_gap=reducing_gap))
+        top, left = crop_box(size, cfg.crop_size)
         pixels = pixels[top : top + cfg.crop_size, left : left + cfg.crop_size]
         x = (pixels.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
         x = (x - self._mean) / self._std

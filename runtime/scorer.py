@@ -27,6 +27,7 @@ from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageInput
 from .pipeline import ScoringPipeline, WorkItem, default_workers
 from .preprocess import PreprocessConfig, Preprocessor
 from .results import RANDOM_WEIGHTS_BANNER, PromptResult, RandomWeightsWarning, ResultAssembler
+from .tensor_images import TensorPreparer, is_tensor_batch
 from .text_cache import TextEmbeddingCache
 from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer, check_prompt
@@ -41,6 +42,7 @@ class PickScorer:
         self.workers = workers or default_workers()
         self.backend_choice = backend_choice  # why this backend/precision (e.g. what `auto` skipped)
         self.assembler = ResultAssembler(artifacts.logit_scale_exp, artifacts.random_weights, backend.name, backend.precision)
+        self.tensors = TensorPreparer(images.preprocessor.config)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -49,19 +51,21 @@ class PickScorer:
              hash_check: str = "full", batch_size: int | None = None, workers: int | None = None,
              threads: int | None = None, text_cache_file: str | os.PathLike | None = None, text_cache_size: int = 4096,
              apply_exif_orientation: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-             **backend_options: Any) -> "PickScorer":
+             jpeg_draft: bool = False, reducing_gap: float | None = None, **backend_options: Any) -> "PickScorer":
         """Open an exported artifacts directory on a backend ("auto": the fastest that can run here).
 
         hash_check="size" skips SHA-256 (existence and sizes are still checked). text_cache_file: a SQLite
         file keeping text embeddings across runs and processes (an in-memory LRU of text_cache_size is
         always on). batch_size: images per backend call. workers: image decoding threads.
+        jpeg_draft / reducing_gap: opt-in fast decoding (see ImagePreparer); the default is exact.
         """
         artifacts = Artifacts.load(artifacts_dir, hash_check=hash_check)
         info, precision, why = select_backend(artifacts, backend, precision)
         engine = open_backend(info, artifacts, precision, batch_size=batch_size, threads=threads, **backend_options)
         scorer = cls.from_backend(artifacts, engine, text_cache_file=text_cache_file, text_cache_size=text_cache_size,
                                   workers=workers, apply_exif_orientation=apply_exif_orientation,
-                                  max_image_pixels=max_image_pixels, backend_choice=why)
+                                  max_image_pixels=max_image_pixels, jpeg_draft=jpeg_draft, reducing_gap=reducing_gap,
+                                  backend_choice=why)
         if artifacts.random_weights:
             warnings.warn(f"{RANDOM_WEIGHTS_BANNER} ({artifacts.root})", RandomWeightsWarning, stacklevel=2)
         log.info("loaded %s on %s/%s (%s)", artifacts.root, engine.name, engine.precision, why)
@@ -70,7 +74,8 @@ class PickScorer:
     @classmethod
     def from_backend(cls, artifacts: Artifacts, backend: Backend, *, text_cache_file: str | os.PathLike | None = None,
                      text_cache_size: int = 4096, workers: int | None = None, apply_exif_orientation: bool = False,
-                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, backend_choice: str = "") -> "PickScorer":
+                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft: bool = False,
+                     reducing_gap: float | None = None, backend_choice: str = "") -> "PickScorer":
         """A scorer around an already opened backend."""
         tok = artifacts.manifest["tokenizer"]
         dim = int(artifacts.manifest["dims"]["embed_dim"])
@@ -78,7 +83,8 @@ class PickScorer:
                                    path=text_cache_file)
         text = TextEncoder(ClipTokenizer(artifacts.tokenizer_file, tok["max_length"], tok["pad_token"]), backend, cache, dim)
         images = ImagePreparer(Preprocessor(PreprocessConfig.from_json(artifacts.manifest["preprocessing"])),
-                               apply_exif_orientation=apply_exif_orientation, max_image_pixels=max_image_pixels)
+                               apply_exif_orientation=apply_exif_orientation, max_image_pixels=max_image_pixels,
+                               jpeg_draft=jpeg_draft, reducing_gap=reducing_gap)
         return cls(artifacts, backend, text, images, workers, backend_choice)
 
     # ---- the stages, for callers that compose their own --------------------------------------
@@ -126,10 +132,40 @@ class PickScorer:
             raise next(iter(errors.values()))
         return embs
 
+    def embed_tensors(self, images: Any, mode: str = "exact", layout: str = "auto") -> np.ndarray:
+        """L2-normalised embeddings [N, D] of a batch that is already an array or tensor (see score_tensors).
+        On a GPU backend a batch on the GPU stays there: preprocessing and the vision engine read it in place."""
+        pixels = self.tensors(images, mode, layout)
+        if not isinstance(pixels, np.ndarray) and not (self.backend.device == "cuda" and pixels.is_cuda):
+            pixels = pixels.cpu().numpy()  # a CPU backend, or a CPU tensor
+        step = max(1, self.backend.batch_size)
+        pending = [self.backend.submit_images(pixels[i:i + step]) for i in range(0, len(pixels), step)]
+        return np.concatenate([p.result() for p in pending])
+
     # ---- scoring ------------------------------------------------------------------------------
-    def score(self, prompt: str, images: Sequence[ImageInput]) -> PromptResult:
-        """Score one prompt against its images. A bad prompt raises; a bad image is kept as an error row."""
+    def score_tensors(self, prompts: str | Sequence[str], images: Any, mode: str = "exact",
+                      layout: str = "auto") -> np.ndarray:
+        """The RL reward: per-image scores, float32 [N], for a batch that is already an array or tensor
+        (numpy, torch on the CPU or a GPU, anything with DLPack; uint8 or float in [0, 1]; NCHW or NHWC;
+        any size). `prompts`: one per image, or one for all. mode "exact" follows PIL's arithmetic (equal
+        to scoring the same pixels from a PNG file); "fast" resizes with the device's bicubic + antialias."""
+        n = int(images.shape[0]) if hasattr(images, "shape") else len(images)
+        prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != n:
+            raise ValueError(f"one prompt per image (or one for all): {n} images but {len(prompts)} prompts")
+        text = self.text.encode(prompts).embeddings  # first: a bad prompt fails before any image work
+        embs = self.embed_tensors(images, mode, layout)
+        return (self.assembler.logit_scale_exp * np.einsum("nd,nd->n", embs, text)).astype(np.float32)
+
+    def score(self, prompt: str, images: Sequence[ImageInput] | Any, tensor_mode: str = "exact") -> PromptResult:
+        """Score one prompt against its images. A bad prompt raises; a bad image is kept as an error row.
+        `images` may also be one batch array or tensor (see score_tensors; tensor_mode is its mode)."""
         check_prompt(prompt)
+        if is_tensor_batch(images):
+            embs = self.embed_tensors(images, tensor_mode)
+            encoded = self.text.encode([prompt])
+            return self.assembler.assemble(prompt, [f"#{i} (tensor)" for i in range(len(embs))], embs, {},
+                                           encoded.embeddings[0], encoded.truncated[0])
         return next(self.score_many([WorkItem(prompt, images)]))
 
     def score_batch(self, prompts: Sequence[str], image_lists: Iterable[Sequence[ImageInput]]) -> list[PromptResult]:

@@ -6,25 +6,29 @@ from __future__ import annotations
 import itertools
 import json
 
-from pickscore_runtime.bench import STAGES, time_calls
+from pickscore_runtime.bench import DEFAULT_STAGES, time_calls
 from pickscore_runtime.cli import main
 
-ROW_KEYS = {"backend", "precision", "device", "stage", "batch_size", "items_per_s", "p50_ms", "p95_ms", "peak_rss_mb"}
+ROW_KEYS = {"backend", "precision", "device", "stage", "batch_size", "items_per_s", "p50_ms", "p95_ms", "peak_rss_mb",
+            "gpu_mem_mb"}
 
 
 def test_bench_rows_table_and_plot(tiny_artifacts, tmp_path):
     out, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
     code = main(["bench", "--artifacts", str(tiny_artifacts), "--backends", "torch:fp32,torch:bf16,onnx-cpu:fp32,onnx-cpu:int8",
-                 "--batch-sizes", "1,2", "--min-calls", "1", "--min-seconds", "0", "--output", str(out), "--markdown", str(md), "--plot", str(png)])
+                 "--batch-sizes", "1,2", "--min-calls", "1", "--min-seconds", "0", "--workers", "1", "--output", str(out),
+                 "--markdown", str(md), "--plot", str(png)])
     assert code == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert {(r["backend"], r["precision"]) for r in rows} == {("torch", "fp32"), ("torch", "bf16"), ("onnx-cpu", "fp32"),
                                                               ("onnx-cpu", "int8")}
-    assert {r["stage"] for r in rows} == set(STAGES) and {r["batch_size"] for r in rows} == {1, 2}
-    assert len(rows) == 4 * len(STAGES) * 2
+    assert {r["stage"] for r in rows} == set(DEFAULT_STAGES) and {r["batch_size"] for r in rows} == {1, 2}
+    assert len(rows) == 4 * len(DEFAULT_STAGES) * 2
     assert all(set(r) == ROW_KEYS and r["items_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] for r in rows)
-    assert result["random_weights"] is True and result["machine"]["cores"] >= 1
+    assert all(r["gpu_mem_mb"] is None for r in rows)  # CPU backends have no device memory figure
+    assert result["random_weights"] is True and result["machine"]["cores"] >= 1 and result["e2e_workers"] == 1
+    assert isinstance(result["machine"]["simd"], list)  # int8 and bf16 speeds hinge on the CPU's SIMD flags
     assert md.read_text().count("\n") == len(rows) + 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -59,10 +63,10 @@ def test_sequential_and_interleaved_modes_give_the_same_cells(tiny_artifacts, tm
     for mode in ("--sequential", None):
         out = tmp_path / f"{mode}.json"
         args = ["bench", "--artifacts", str(tiny_artifacts), "--backends", "onnx-cpu:fp32,onnx-cpu:fp16", "--batch-sizes",
-                "1,2", "--stages", "vision,text", "--min-calls", "1", "--min-seconds", "0", "--output", str(out)] + ([mode] if mode else [])
+                "1,2", "--stages", "vision,tensors-exact", "--min-calls", "1", "--min-seconds", "0", "--output", str(out)] + ([mode] if mode else [])
         assert main(args) == 0
         result = json.loads(out.read_text())
         assert result["interleaved"] is (mode is None)
         cells[mode] = [(r["backend"], r["precision"], r["stage"], r["batch_size"]) for r in result["rows"]]
     assert cells["--sequential"] == cells[None] == [
-        ("onnx-cpu", p, stage, b) for p in ("fp32", "fp16") for stage in ("vision", "text") for b in (1, 2)]
+        ("onnx-cpu", p, stage, b) for p in ("fp32", "fp16") for stage in ("vision", "tensors-exact") for b in (1, 2)]

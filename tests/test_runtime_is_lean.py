@@ -29,10 +29,17 @@ def test_scoring_imports_nothing_optional(tiny_artifacts, sample_images, tmp_pat
         from pickscore_runtime import PickScorer
         from pickscore_runtime import cli
         from pickscore_runtime.cli import main
+        from pickscore_runtime.server import PickScoreClient, ServerReward  # the client needs no server framework
         for backend in ("onnx-cpu", "auto"):
             s = PickScorer.load({str(tiny_artifacts)!r}, backend=backend, text_cache_file={str(tmp_path / "c.sqlite")!r})
             r = s.score("a cat", [{str(sample_images[0])!r}, {str(sample_images[3])!r}])
             assert all(x.error is None for x in r.results), r.to_json()
+            import numpy as np
+            batch = np.random.default_rng(0).integers(0, 256, (2, 64, 80, 3), dtype=np.uint8)
+            from pickscore_runtime.rewards import PickScoreReward
+            for mode in ("exact", "fast"):  # tensors in, on the host: numpy needs no torch
+                assert s.score_tensors(["a cat", "a dog"], batch, mode).shape == (2,)
+            assert PickScoreReward(s)(batch, ["a cat", "a dog"])[0].shape == (2,)
             s.close()
         assert main(["score", "--artifacts", {str(tiny_artifacts)!r}, "--prompt", "a cat", "--output",
                      {str(tmp_path / "out.jsonl")!r}, {str(sample_images[1])!r}]) == 0

@@ -1,0 +1,187 @@
+"""Images that are already tensors (an RL loop's generations): a batch in numpy, torch (CPU or CUDA) or
+anything with DLPack; uint8 or float in [0, 1]; NCHW or NHWC; any size -> CLIP pixels [N, 3, S, S]
+float32, on the device the batch lives on.
+
+Two modes:
+- `exact`: quantise to uint8 as saving the image would (round(x * 255)), then follow PIL's arithmetic:
+  its fixed-point bicubic resize with an 8-bit intermediate (resample.py), centre crop, x / 255 in
+  float64, normalise. Scores equal the file path's (a PNG of the same pixels) within fp32 tolerance. On
+  the host the resize is PIL itself; on a GPU the same integer arithmetic runs as float64 matrices.
+- `fast`: float bicubic with antialias on the device (torch's interpolate), no uint8 round trip; its
+  effect on scores is measured in the README.
+
+Torch is imported only when the batch is a torch tensor (or a DLPack array on a GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import ImageError
+from .preprocess import PreprocessConfig, Preprocessor
+from .resample import crop_box, horizontal_first, output_size, pil_weights, resample_axis
+
+MODES = ("exact", "fast")
+TORCH_CHUNK = 16
+LAYOUTS = ("auto", "NCHW", "NHWC")
+
+
+def is_tensor_batch(images: Any) -> bool:
+    """A batch given as one array (4-D numpy, a torch tensor, anything with __dlpack__), not a list of images."""
+    if isinstance(images, np.ndarray):
+        return images.ndim == 4
+    return _is_torch(images) or hasattr(images, "__dlpack__")
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _as_native(images: Any) -> Any:
+    """numpy stays numpy; torch stays torch; other DLPack producers become torch (GPU) or numpy (host)."""
+    if isinstance(images, np.ndarray) or _is_torch(images):
+        return images
+    device = images.__dlpack_device__()[0] if hasattr(images, "__dlpack_device__") else 1
+    if device == 1:  # kDLCPU
+        return np.from_dlpack(images)
+    from .optional import require
+
+    return require("torch", "images on a GPU given through DLPack").from_dlpack(images)
+
+
+def channels_last(shape: tuple[int, ...], layout: str) -> bool:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout != "auto":
+        return layout == "NHWC"
+    first, last = shape[1] in (1, 3), shape[3] in (1, 3)
+    if not first and not last:
+        raise ImageError("batch", f"images must have 1 or 3 channels, in axis 1 (NCHW) or axis 3 (NHWC); got shape "
+                                  f"{tuple(shape)} (composite an alpha channel first)")
+    if first == last:
+        raise ImageError("batch", f"cannot tell NCHW from NHWC for shape {tuple(shape)}; pass layout='NCHW' or 'NHWC'")
+    return last
+
+
+def checked_layout(batch: Any, layout: str) -> bool:
+    """Whether a 4-D batch is channels-last, after refusing shapes no image batch has."""
+    if batch.ndim != 4:
+        raise ImageError("batch", f"expected a 4-D batch (N, C, H, W or N, H, W, C), got shape {tuple(batch.shape)}")
+    nhwc = channels_last(tuple(batch.shape), layout)
+    n, c = batch.shape[0], batch.shape[3] if nhwc else batch.shape[1]
+    h, w = (batch.shape[1], batch.shape[2]) if nhwc else (batch.shape[2], batch.shape[3])
+    if n == 0:
+        raise ImageError("batch", "the batch is empty")
+    if c not in (1, 3):
+        raise ImageError("batch", f"images must have 1 or 3 channels, got {c} (composite an alpha channel first)")
+    if h < 1 or w < 1:
+        raise ImageError("batch", f"images have no pixels ({w}x{h})")
+    return nhwc
+
+
+def check_values(xp: Any, batch: Any, integer: bool) -> None:
+    """Float images must be finite and in [0, 1]; the error names the first bad one."""
+    flat = batch.reshape(batch.shape[0], -1)
+    if integer:
+        return
+    bad = ~xp.isfinite(flat).all(1) if xp is np else ~flat.isfinite().all(1)
+    if bad.any():
+        raise ImageError(f"#{int(xp.nonzero(bad)[0][0])} (tensor)", "holds NaN or infinite values")
+    low, high = (flat.min(1), flat.max(1)) if xp is np else (flat.amin(1), flat.amax(1))
+    out = (low < 0) | (high > 1)
+    if out.any():
+        i = int(xp.nonzero(out)[0][0])
+        raise ImageError(f"#{i} (tensor)", f"float images must be in [0, 1]; this one spans [{float(low[i]):.4g}, "
+                                           f"{float(high[i]):.4g}] (pass uint8, or scale it)")
+
+
+def quantised_nhwc(batch: np.ndarray, nhwc: bool) -> np.ndarray:
+    """A host batch as checked uint8 NHWC: exact mode's first step (what PIL would have been given)."""
+    integer = batch.dtype == np.uint8
+    if not integer and not np.issubdtype(batch.dtype, np.floating):
+        raise ImageError("batch", f"images must be uint8 or float in [0, 1], got dtype {batch.dtype}")
+    check_values(np, batch, integer)
+    if not nhwc:
+        batch = batch.transpose(0, 2, 3, 1)
+    return batch if integer else np.rint(batch.astype(np.float64) * 255).astype(np.uint8)
+
+
+def host_uint8_batch(images: Any, layout: str = "auto") -> np.ndarray:
+    """Any tensor batch (numpy, torch on any device, DLPack) as checked host uint8 NHWC, quantised as
+    exact mode quantises: what a client sends to a server so that both ends score the same pixels."""
+    batch = _as_native(images)
+    if _is_torch(batch):
+        batch = batch.detach().cpu()
+        batch = (batch.float() if batch.is_floating_point() else batch).numpy()
+    return quantised_nhwc(batch, checked_layout(batch, layout))
+
+
+class TensorPreparer:
+    """Batch -> pixels, for one preprocessing config (the artifacts')."""
+
+    def __init__(self, config: PreprocessConfig):
+        if config.resample != "bicubic":
+            raise ValueError("tensor preprocessing reproduces bicubic resizing only")
+        self.config = config
+        self._pil = Preprocessor(config)
+
+    def __call__(self, images: Any, mode: str = "exact", layout: str = "auto") -> Any:
+        """[N, 3, S, S] float32: numpy for host input, a torch tensor on the input's device for torch input."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        batch = _as_native(images)
+        nhwc, n = checked_layout(batch, layout), batch.shape[0]
+        if _is_torch(batch):
+            import torch
+
+            integer = batch.dtype == torch.uint8
+            if not integer and not batch.is_floating_point():
+                raise ImageError("batch", f"images must be uint8 or float in [0, 1], got dtype {batch.dtype}")
+            check_values(torch, batch, integer)
+            # float64 intermediates: bound the memory of a large batch of large images
+            return torch.cat([self._torch(batch[i:i + TORCH_CHUNK], nhwc, mode, integer) for i in range(0, n, TORCH_CHUNK)])
+        return self._numpy(batch, nhwc, mode)
+
+    # ---- host ---------------------------------------------------------------------------------
+    def _numpy(self, batch: np.ndarray, nhwc: bool, mode: str) -> np.ndarray:
+        u8 = quantised_nhwc(batch, nhwc)
+        if u8.shape[3] == 1:
+            u8 = u8[..., 0]
+        from PIL import Image
+
+        # On the host PIL is the exact arithmetic (and the fastest per core); `fast` uses its reducing gap.
+        gap = None if mode == "exact" else 2.0
+        return np.stack([self._pil(Image.fromarray(np.ascontiguousarray(img)), f"#{i} (tensor)", reducing_gap=gap)
+                         for i, img in enumerate(u8)])
+
+    # ---- torch (CPU or GPU) -------------------------------------------------------------------
+    def _torch(self, batch: Any, nhwc: bool, mode: str, integer: bool) -> Any:
+        import torch
+
+        x = batch.permute(0, 3, 1, 2) if nhwc else batch
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        cfg = self.config
+        h, w = int(x.shape[2]), int(x.shape[3])
+        tw, th = output_size(w, h, cfg.shortest_edge)
+        top, left = crop_box((tw, th), cfg.crop_size)
+        if mode == "exact":
+            x = x.to(torch.float64) if integer else torch.round(x.to(torch.float64) * 255)
+            # Pillow's two passes in Pillow's order, each computing only the rows / columns the crop keeps.
+            passes = [(3, w, tw, left), (2, h, th, top)]
+            for axis, size, target, start in passes if horizontal_first(w, h, tw, th) else passes[::-1]:
+                if target != size:
+                    weights = pil_weights(size, target)[start:start + cfg.crop_size].astype(np.float64)
+                    x = resample_axis(torch, x, torch.from_numpy(weights).to(x.device), axis)
+                else:
+                    x = x.narrow(axis, start, cfg.crop_size)
+            x = (x * cfg.rescale_factor).to(torch.float32)
+        else:
+            x = x.to(torch.float32) / 255.0 if integer else x.to(torch.float32)
+            x = torch.nn.functional.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
+            x = x[..., top:top + cfg.crop_size, left:left + cfg.crop_size].clamp(0.0, 1.0)
+        mean = torch.tensor(cfg.image_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.image_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).contiguous()

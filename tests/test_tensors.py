@@ -1,0 +1,146 @@
+"""Tensors in, scores out: every dtype, layout and range against the file path (exact mode equals it
+within the fp32 tolerance), PIL's resize reproduced bit for bit, fast mode close, bad tensors named,
+and the in-process RL reward function."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pickscore_export.samples import synthetic_image
+from pickscore_runtime.errors import ImageError
+from pickscore_runtime.resample import horizontal_first, output_size, pil_weights, resample_axis
+from pickscore_runtime.rewards import PickScoreReward, RewardError
+
+SIZES = [(64, 48), (224, 224), (300, 900), (513, 512), (1024, 768), (224, 1000), (2000, 230)]
+
+
+def batch_of(size, n=3, seed=0) -> np.ndarray:
+    """n uint8 RGB images [n, H, W, 3] of natural-ish content."""
+    return np.stack([np.asarray(synthetic_image(*size, seed=seed + i)) for i in range(n)])
+
+
+@pytest.mark.parametrize("size", SIZES + [(1, 1), (10000, 300)])
+def test_resample_matrices_equal_pillow(size):
+    img = batch_of(size, n=1)[0]
+    tw, th = output_size(*size, 224)
+    want = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BICUBIC))
+    x = img.astype(np.float64)
+    passes = [(1, size[0], tw), (0, size[1], th)]
+    for axis, n, target in passes if horizontal_first(*size, tw, th) else passes[::-1]:
+        if target != n:
+            x = resample_axis(np, x, pil_weights(n, target).astype(np.float64), axis)
+    np.testing.assert_array_equal(x, want)
+
+
+def forms(u8: np.ndarray):
+    """The same images as each supported dtype / layout / library."""
+    f = u8.astype(np.float32) / 255
+    return {
+        "numpy uint8 NHWC": u8,
+        "numpy float NCHW": f.transpose(0, 3, 1, 2),
+        "torch uint8 NCHW": torch.from_numpy(u8).permute(0, 3, 1, 2),
+        "torch float NHWC": torch.from_numpy(f),
+        "torch float64 NCHW": torch.from_numpy(f.astype(np.float64)).permute(0, 3, 1, 2),
+    }
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_exact_pixels_equal_the_file_path(tiny_scorer, size):
+    u8 = batch_of(size)
+    want = np.stack([tiny_scorer.preprocessor(Image.fromarray(img)) for img in u8])
+    for name, batch in forms(u8).items():
+        got = tiny_scorer.tensors(batch, "exact")
+        got = got.numpy() if isinstance(got, torch.Tensor) else got
+        assert got.shape == want.shape and got.dtype == np.float32, name
+        assert np.abs(got - want).max() <= 1e-5, name
+
+
+def test_exact_scores_equal_scoring_png_files(tiny_scorer, tmp_path, tolerances):
+    u8 = batch_of((640, 480), n=4)
+    paths = []
+    for i, img in enumerate(u8):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    prompts = ["a cat", "a dog", "a cat", "a red car"]
+    want = np.array([tiny_scorer.score(p, [str(path)]).scores[0] for p, path in zip(prompts, paths)])
+    tol = tolerances["fp32"]["max_abs_score_diff"]
+    for name, batch in forms(u8).items():
+        got = tiny_scorer.score_tensors(prompts, batch)
+        assert got.dtype == np.float32 and got.shape == (4,)
+        assert np.abs(got - want).max() <= tol, name
+    result = tiny_scorer.score("a cat", torch.from_numpy(u8))  # one batch tensor: probs and ranks too
+    by_file = tiny_scorer.score("a cat", [str(p) for p in paths])
+    np.testing.assert_allclose(result.scores, by_file.scores, atol=tol)
+    assert [r.rank for r in result.results] == [r.rank for r in by_file.results]
+    assert result.results[0].image == "#0 (tensor)"
+
+
+def test_grayscale_batches(tiny_scorer):
+    gray = batch_of((200, 150))[..., 0]
+    want = np.stack([tiny_scorer.preprocessor(Image.fromarray(img)) for img in gray])
+    for batch in (gray[..., None], torch.from_numpy(gray)[:, None]):
+        got = tiny_scorer.tensors(batch)
+        got = got.numpy() if isinstance(got, torch.Tensor) else got
+        assert np.abs(got - want).max() <= 1e-5
+
+
+def test_fast_mode_is_close_not_exact(tiny_scorer):
+    u8 = batch_of((1024, 768))
+    exact = tiny_scorer.score_tensors("a cat", torch.from_numpy(u8))
+    fast = tiny_scorer.score_tensors("a cat", torch.from_numpy(u8), mode="fast")
+    host_fast = tiny_scorer.score_tensors("a cat", u8, mode="fast")
+    assert not np.array_equal(exact, fast) and np.abs(exact - fast).max() < 0.5
+    assert np.abs(exact - host_fast).max() < 0.5
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: np.zeros((4, 4, 3), np.uint8), "expected a 4-D batch"),
+    (lambda: np.zeros((0, 3, 8, 8), np.float32), "the batch is empty"),
+    (lambda: np.zeros((2, 4, 8, 8), np.float32), "must have 1 or 3 channels"),
+    (lambda: np.zeros((2, 3, 8, 3), np.uint8), "cannot tell NCHW from NHWC"),
+    (lambda: np.zeros((2, 3, 8, 8), np.int32), "uint8 or float"),
+    (lambda: np.stack([np.zeros((3, 8, 8)), np.full((3, 8, 8), np.nan)]).astype(np.float32), "#1 (tensor): holds NaN"),
+    (lambda: torch.full((3, 3, 8, 8), 0.5).index_fill_(0, torch.tensor([2]), 2.0), "#2 (tensor): float images must be in [0, 1]"),
+    (lambda: torch.full((2, 3, 8, 8), -0.1), "#0 (tensor): float images must be in [0, 1]"),
+])
+def test_bad_tensors_are_named(tiny_scorer, make, message):
+    with pytest.raises(ImageError, match=re.escape(message)):
+        tiny_scorer.score_tensors("a cat", make())
+
+
+def test_layout_can_be_given(tiny_scorer):
+    square = np.random.default_rng(0).integers(0, 256, (2, 3, 8, 3), dtype=np.uint8)  # ambiguous unless told
+    assert tiny_scorer.score_tensors("a cat", square, layout="NHWC").shape == (2,)
+    assert tiny_scorer.score_tensors("a cat", square, layout="NCHW").shape == (2,)
+
+
+def test_reward_function_in_process(tiny_scorer, tmp_path):
+    u8 = batch_of((512, 512), n=3)
+    ddpo = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255  # DDPO hands over float NCHW in [0, 1]
+    reward_fn = PickScoreReward(tiny_scorer)
+    prompts = ["a cat", "a dog", "a fish"]
+    rewards, info = reward_fn(ddpo, prompts, [{}] * 3)
+    np.testing.assert_allclose(rewards, tiny_scorer.score_tensors(prompts, u8), atol=1e-5)
+    assert set(info) == {"errors", "backend", "precision", "random_weights"} and info["errors"] == [None] * 3
+    listed, _ = reward_fn([Image.fromarray(u8[0]), u8[1], u8[2]], prompts, None)
+    np.testing.assert_allclose(listed, rewards, atol=1e-5)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(RewardError, match="#1: cannot decode"):
+        reward_fn([u8[0], str(broken)], prompts[:2])
+    nan_rewards, info = PickScoreReward(tiny_scorer, on_error="nan")([u8[0], str(broken)], prompts[:2])
+    assert np.isfinite(nan_rewards[0]) and np.isnan(nan_rewards[1]) and "cannot decode" in info["errors"][1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and a CUDA build of torch")
+def test_exact_mode_on_the_gpu_equals_the_cpu(tiny_scorer):
+    u8 = batch_of((1024, 768))
+    gpu = tiny_scorer.tensors(torch.from_numpy(u8).cuda(), "exact")
+    assert gpu.is_cuda
+    np.testing.assert_allclose(gpu.cpu().numpy(), tiny_scorer.tensors(u8, "exact"), atol=1e-5)
