@@ -86,8 +86,12 @@ class PromptResult:
 def scores_and_probs(scale: np.float32, text_emb: np.ndarray, image_embs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The model card's calc_probs for one prompt: float32 scores and their softmax."""
     scores = (scale * (image_embs @ text_emb)).astype(np.float32)
+    return scores, softmax(scores)
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
     shifted = np.exp(scores - scores.max()) if len(scores) else scores
-    return scores, (shifted / shifted.sum()).astype(np.float32)
+    return (shifted / shifted.sum()).astype(np.float32)
 
 
 def ranks_of(scores: np.ndarray) -> np.ndarray:
@@ -111,10 +115,19 @@ class ResultAssembler:
                  image_errors: Mapping[int, ImageError], text_emb: np.ndarray | None, truncated: bool = False,
                  key: Any = None) -> PromptResult:
         """One prompt's result. Rows of `image_embs` listed in `image_errors` are ignored."""
+        ok = [j for j in range(len(image_names)) if j not in image_errors]
+        scores = np.full(len(image_names), np.nan, np.float32)
+        scores[ok] = scores_and_probs(self.logit_scale_exp, text_emb, image_embs[ok])[0]
+        return self.assemble_scores(prompt, image_names, scores, image_errors, truncated, key)
+
+    def assemble_scores(self, prompt: str, image_names: Sequence[str], scores: np.ndarray,
+                        image_errors: Mapping[int, ImageError], truncated: bool = False, key: Any = None) -> PromptResult:
+        """One prompt's result from scores already computed (a distributed job's second pass): probs and ranks
+        over the scores not listed in `image_errors`."""
         rows = [ImageScore(name) for name in image_names]
         ok = [j for j in range(len(rows)) if j not in image_errors]
-        scores, probs = scores_and_probs(self.logit_scale_exp, text_emb, image_embs[ok])
-        for j, s, p, r in zip(ok, scores, probs, ranks_of(scores)):
+        kept = np.asarray(scores, np.float32)[ok]
+        for j, s, p, r in zip(ok, kept, softmax(kept), ranks_of(kept)):
             rows[j].score, rows[j].prob, rows[j].rank = float(s), float(p), int(r)
         for j, e in image_errors.items():
             rows[j].error = e.reason
