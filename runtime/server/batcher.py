@@ -1,0 +1,231 @@
+"""Dynamic batching across requests, composed from the runtime's stages.
+
+Each request becomes a job: its prompts and its encoded images. Images are prepared (decoded,
+preprocessed) by the ImagePreparer in a thread pool, a bounded number ahead of the backend. One
+batcher thread owns the backend, so there is one backend call at a time: it embeds the prompts of
+newly admitted jobs together (the TextEncoder deduplicates and caches them across requests), and
+fills image batches from every job's prepared images, up to `max_batch`, waiting at most `max_wait_s`
+after the first one is ready for images still being prepared. A job is done when its prompts and all its images are; an image that
+cannot be prepared is an error of its own job only. Backends that keep two batches in flight (the GPU
+ones) get the next batch submitted before the previous one is collected.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..backends.base import Backend, PendingEmbeddings
+from ..errors import ImageError
+from ..image_preparer import ImagePreparer, PreparedImage
+from ..text_encoder import EncodedPrompts, TextEncoder
+
+
+@dataclass(eq=False)
+class EmbedJob:
+    """One request's work. When `future` resolves (to the job itself), `text` holds its prompts'
+    embeddings and `image_embs` its images' (NaN rows where `errors` says why not)."""
+
+    prompts: list[str]
+    images: list[bytes]
+    image_index: list[int]  # how each image is named in errors: its position in the caller's item
+    image_embs: np.ndarray
+    future: Future = field(default_factory=Future)
+    text: EncodedPrompts | None = None
+    errors: dict[int, ImageError] = field(default_factory=dict)
+    remaining: int = 0
+    cancelled: bool = False
+    done: bool = False
+
+
+@dataclass
+class _Ready:
+    job: EmbedJob
+    j: int
+    pixels: np.ndarray
+    at: float
+
+
+class BatcherClosed(RuntimeError):
+    pass
+
+
+class MicroBatcher:
+    def __init__(self, text: TextEncoder, images: ImagePreparer, backend: Backend, pool: Executor, *,
+                 max_batch: int, max_wait_s: float, workers: int, on_batch: Callable[[int, float], None] | None = None):
+        self.text, self.images, self.backend, self.pool = text, images, backend, pool
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        # Images being prepared or prepared and waiting: two batches ahead plus one per worker, as the
+        # pipeline does, so the backend never waits on decoding and memory stays bounded.
+        self.max_prepared = 2 * max_batch + workers
+        self.on_batch = on_batch or (lambda size, seconds: None)
+        self._cond = threading.Condition(threading.RLock())  # re-entrant: a finished future's callback may run inline
+        self._new: list[EmbedJob] = []  # admitted; prompts not embedded yet
+        self._to_prepare: deque[tuple[EmbedJob, int]] = deque()
+        self._preparing = 0
+        self._ready: deque[_Ready] = deque()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="pickscore-batcher", daemon=True)
+
+    # ---- the caller's side ----------------------------------------------------------------------
+    def start(self) -> "MicroBatcher":
+        self._thread.start()
+        return self
+
+    def submit(self, prompts: Sequence[str], images: Sequence[bytes], image_index: Sequence[int] | None = None) -> EmbedJob:
+        """Queue a job. Images are encoded bytes only: nothing here ever opens a path."""
+        if not all(isinstance(x, (bytes, bytearray)) for x in images):
+            raise TypeError("the batcher takes encoded image bytes only")
+        job = EmbedJob(list(prompts), list(images), list(image_index if image_index is not None else range(len(images))),
+                       np.full((len(images), self.text.embed_dim), np.nan, np.float32), remaining=len(images))
+        job.future.set_running_or_notify_cancel()  # admitted work is always answered: it cannot be cancelled away
+        with self._cond:
+            if self._stopping:
+                raise BatcherClosed("the server is shutting down")
+            self._new.append(job)
+            self._to_prepare.extend((job, j) for j in range(len(job.images)))
+            self._top_up()
+            self._cond.notify_all()
+        return job
+
+    def cancel(self, job: EmbedJob) -> None:
+        """Drop a job's work not started yet (its caller gave up on it)."""
+        with self._cond:
+            job.cancelled = True
+            self._forget(job)
+
+    def pending_images(self) -> int:
+        with self._cond:
+            return len(self._to_prepare) + self._preparing + len(self._ready)
+
+    def close(self) -> None:
+        """Finish every job submitted so far, then stop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # ---- preparation (pool threads) ------------------------------------------------------------
+    def _top_up(self) -> None:
+        while self._to_prepare and self._preparing + len(self._ready) < self.max_prepared:
+            job, j = self._to_prepare.popleft()
+            self._preparing += 1
+            future = self.pool.submit(self.images.prepare, job.images[j], job.image_index[j])
+            future.add_done_callback(lambda f, job=job, j=j: self._prepared(job, j, f))
+
+    def _prepared(self, job: EmbedJob, j: int, future: Future) -> None:
+        try:
+            prepared: PreparedImage = future.result()
+        except Exception as e:  # noqa: BLE001 - prepare reports per-item errors; anything else is still this image's
+            prepared = PreparedImage(str(j), None, ImageError(f"#{job.image_index[j]}", f"unexpected {type(e).__name__}: {e}"))
+        with self._cond:
+            self._preparing -= 1
+            if not job.cancelled and not job.done:
+                if prepared.error is None:
+                    self._ready.append(_Ready(job, j, prepared.pixels, time.monotonic()))
+                else:
+                    job.errors[j] = prepared.error
+                    job.remaining -= 1
+                    self._finish_if_complete(job)
+            self._top_up()
+            self._cond.notify_all()
+
+    # ---- the batcher thread: the only one that calls the backend -------------------------------
+    def _run(self) -> None:
+        submitted: deque[tuple[list[_Ready], PendingEmbeddings, float]] = deque()
+        depth = max(1, self.backend.queue_depth)
+        while True:
+            with self._cond:
+                while not (self._new or self._ready or submitted or (self._stopping and self._idle())):
+                    self._cond.wait()
+                if self._stopping and self._idle() and not submitted:
+                    return
+                new, self._new = self._new, []
+            if new:
+                self._embed_prompts(new)
+            with self._cond:
+                batch = self._take_batch(wait=not submitted) if self._ready else []
+            if batch:
+                started = time.perf_counter()
+                handle = self._call(batch, lambda: self.backend.submit_images(np.stack([r.pixels for r in batch])))
+                if handle is not None:
+                    submitted.append((batch, handle, started))
+            while submitted and (len(submitted) >= depth or not batch):
+                self._collect(*submitted.popleft())
+
+    def _idle(self) -> bool:
+        return not (self._new or self._to_prepare or self._preparing or self._ready)
+
+    def _take_batch(self, wait: bool) -> list[_Ready]:
+        """Up to max_batch prepared images, oldest first. While images admitted are still being prepared,
+        waits for them up to max_wait_s after the oldest ready one; it never waits on requests that have
+        not arrived (a lone client's request goes at once; under load, images pile up while a batch runs)."""
+        if wait:
+            deadline = self._ready[0].at + self.max_wait_s
+            while (len(self._ready) < self.max_batch and (self._to_prepare or self._preparing)
+                   and (left := deadline - time.monotonic()) > 0):
+                self._cond.wait(left)
+        batch = [self._ready.popleft() for _ in range(min(self.max_batch, len(self._ready)))]
+        self._top_up()  # room for the next images to be prepared while this batch runs
+        return batch
+
+    def _call(self, batch: list[_Ready], fn: Callable):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - a failed backend call fails the jobs in it, not the server
+            self._fail({r.job for r in batch}, e)
+            return None
+
+    def _collect(self, batch: list[_Ready], handle: PendingEmbeddings, started: float) -> None:
+        embs = self._call(batch, handle.result)
+        if embs is None:
+            return
+        self.on_batch(len(batch), time.perf_counter() - started)
+        with self._cond:
+            for r, emb in zip(batch, embs):
+                r.job.image_embs[r.j] = emb
+                r.job.remaining -= 1
+                self._finish_if_complete(r.job)
+
+    def _embed_prompts(self, jobs: list[EmbedJob]) -> None:
+        live = [job for job in jobs if not job.cancelled]
+        prompts = [p for job in live for p in job.prompts]
+        try:
+            encoded = self.text.encode(prompts)
+        except Exception as e:  # noqa: BLE001 - prompts were validated on arrival; this is a backend failure
+            self._fail(set(live), e)
+            return
+        with self._cond:
+            at = 0
+            for job in live:
+                n = len(job.prompts)
+                job.text = EncodedPrompts(encoded.embeddings[at : at + n], encoded.truncated[at : at + n])
+                at += n
+                self._finish_if_complete(job)
+
+    def _finish_if_complete(self, job: EmbedJob) -> None:
+        if not job.done and job.text is not None and job.remaining == 0:
+            job.done = True
+            job.future.set_result(job)
+
+    def _fail(self, jobs: set[EmbedJob], error: Exception) -> None:
+        with self._cond:
+            for job in jobs:
+                if not job.done:
+                    job.done = True
+                    self._forget(job)
+                    job.future.set_exception(error)
+
+    def _forget(self, job: EmbedJob) -> None:
+        self._ready = deque(r for r in self._ready if r.job is not job)
+        self._to_prepare = deque(t for t in self._to_prepare if t[0] is not job)
+        if job in self._new:
+            self._new.remove(job)
+        self._cond.notify_all()

@@ -1,0 +1,105 @@
+"""`pickscore serve`: the app under uvicorn in this process, or as Ray Serve replicas (`--ray`).
+
+SIGTERM / SIGINT drain: uvicorn stops accepting connections, every request already accepted is
+answered, the batcher finishes, and the command exits 0 (a service stopped as asked). A load failure
+(missing artifacts, a backend that cannot run here) exits 2 with one line, as every command does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from typing import Any, Iterator
+
+from ..artifacts import Artifacts
+from ..backends import select_backend
+from ..errors import PickScoreError
+from ..optional import require
+from ..results import RANDOM_WEIGHTS_BANNER
+from .auth import load_key_digests
+from .config import ServerConfig
+
+SERVER_MODULES = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def config_from_args(args: Any) -> ServerConfig:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key_file:
+        say(f"warning: serving on {args.host} without --api-key-file: anyone who can reach it can use it")
+    return ServerConfig(
+        artifacts=str(args.artifacts), backend=args.backend, precision=args.precision, max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
+        request_timeout_s=args.request_timeout_s,
+        api_key_digests=load_key_digests(args.api_key_file) if args.api_key_file else (),
+        workers=args.workers, threads=args.threads, hash_check=args.hash_check,
+        text_cache_file=str(args.text_cache) if args.text_cache else None, max_image_pixels=args.max_image_pixels)
+
+
+def cmd_serve(args: Any) -> int:
+    for module in SERVER_MODULES:
+        require(module, "pickscore serve", extra="server")
+    # What can be checked in a moment is checked before anything listens: the artifacts (sizes; hashes
+    # are checked by the load proper) and whether the backend can run here.
+    select_backend(Artifacts.load(args.artifacts, hash_check="size"), args.backend, args.precision)
+    config = config_from_args(args)
+    if args.ray:
+        from .ray_serve import serve_on_ray
+
+        return serve_on_ray(config, args.ray, host=args.host, port=args.port, replicas=args.replicas,
+                            replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
+                            ray_cpus=args.ray_cpus, object_store_mb=args.ray_object_store_mb, progress=say)
+    return serve_here(config, args.host, args.port)
+
+
+def serve_here(config: ServerConfig, host: str, port: int) -> int:
+    """Serve with uvicorn until SIGTERM / SIGINT; 0 after a clean drain, PickScoreError if loading failed."""
+    uvicorn = require("uvicorn", "pickscore serve", extra="server")
+    from .app import build_app
+    from .service import PickScoreService
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's graceful shutdown, with readiness turning 503 as soon as the signal arrives."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            service.begin_drain()
+            super().handle_exit(sig, frame)
+
+    def ready(loaded: PickScoreService) -> None:
+        d = loaded.describe()
+        if d["random_weights"]:
+            say(f"WARNING: {RANDOM_WEIGHTS_BANNER}")
+        say(f"ready: {config.artifacts} on {d['backend']}/{d['precision']} (max batch {d['max_batch']}), "
+            f"serving http://{host}:{port}")
+
+    def failed(error: BaseException) -> None:
+        server.should_exit = True
+
+    service = PickScoreService(config, on_ready=ready, on_failure=failed)
+    server = DrainingServer(uvicorn.Config(
+        build_app(service), host=host, port=port, log_level="warning", access_log=False, lifespan="on",
+        # a drain waits for the requests in flight, each bounded by the request timeout
+        timeout_graceful_shutdown=int(config.request_timeout_s) + 10))
+    with signals_end_cleanly():
+        server.run()
+    if service.error is not None:
+        if isinstance(service.error, PickScoreError):
+            raise service.error
+        raise PickScoreError(f"could not start: {type(service.error).__name__}: {service.error}")
+    say("stopped: every accepted request was answered")
+    return 0
+
+
+@contextlib.contextmanager
+def signals_end_cleanly() -> Iterator[None]:
+    """uvicorn re-raises the signal that stopped it once it has shut down, so that the default action
+    (death by signal) follows. A drained server has done what SIGTERM asks: it exits 0 instead."""
+    saved = {s: signal.signal(s, lambda signum, frame: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

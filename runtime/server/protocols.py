@@ -1,0 +1,322 @@
+"""The wire formats: each protocol parses a request body into prompts + encoded images for the batcher,
+and renders the finished job with the runtime's ResultAssembler (scores, probs, ranks, errors).
+
+- /v1/score: JSON `{"prompt", "images": [base64 or data URL]}` or `{"items": [...]}` ->
+  PromptResult.to_json() (a list for items), as `pickscore score --json`; a bad image is its row's error.
+- /v1/rewards: the pickle convention of DDPO/GRPO-style reward servers, unpickled by a restricted
+  unpickler: `{"images": [bytes], "prompts": [str], ...}`, one prompt per image -> pickled
+  `{"scores": [float], "errors": [str | None], ...}`; a bad image has a NaN score and its error.
+- /v1/embeddings: OpenAI `{"model", "input": [text or image data URL], "encoding_format"}` ->
+  `{"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "model", "usage"}`.
+- /v1/rerank: vLLM / Jina / Cohere `{"query", "documents": [image data URLs], "top_n", "return_documents"}`
+  -> `{"id", "model", "usage", "results": [{"index", "relevance_score", "prob"}]}`, best first.
+  These two protocols have no per-item errors: a bad image is a 400 naming it.
+
+Images travel only as bytes, base64 or data URLs: the server never opens a path or fetches a URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ..errors import PromptError
+from ..images import image_name
+from ..results import PromptResult, ResultAssembler
+from ..tokenizer import ClipTokenizer, check_prompt
+from .batcher import EmbedJob
+from .http_errors import BadRequest
+from .safe_pickle import dumps, safe_loads
+
+JSON = "application/json"
+PICKLE = "application/octet-stream"
+
+
+@dataclass
+class Parsed:
+    """What the batcher needs (prompts, images) and how to put the answer back together."""
+
+    prompts: list[str] = field(default_factory=list)
+    images: list[bytes] = field(default_factory=list)
+    image_index: list[int] = field(default_factory=list)  # each image's name: its position in its own item
+    groups: list[tuple[int, list[int]]] = field(default_factory=list)  # (prompt, its images) per comparison
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add_group(self, prompt: str, images: Sequence[bytes]) -> None:
+        start = len(self.images)
+        self.prompts.append(prompt)
+        self.images += images
+        self.image_index += range(len(images))
+        self.groups.append((len(self.prompts) - 1, list(range(start, start + len(images)))))
+
+
+@dataclass(frozen=True)
+class Context:
+    assembler: ResultAssembler
+    tokenizer: ClipTokenizer
+    model: str
+    embed_dim: int
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    path: str
+    media_type: str
+    parse: Callable[[bytes], Parsed]
+    render: Callable[[Parsed, EmbedJob, Context], bytes]
+
+
+# ---- fields ---------------------------------------------------------------------------------------
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"malformed JSON: {e}") from None
+
+
+def field_of(doc: Any, name: str, kind: type | tuple[type, ...], where: str = "", required: bool = True) -> Any:
+    if not isinstance(doc, dict):
+        raise BadRequest(f"{where or 'the body'} must be a JSON object, got {json_type(doc)}")
+    value = doc.get(name)
+    label = f"{where}.{name}" if where else name
+    if value is None:
+        if required:
+            raise BadRequest(f"{label} is missing")
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):  # no field here is a boolean; True is an int
+        raise BadRequest(f"{label} must be {describe(kind)}, got {json_type(value)}")
+    return value
+
+
+TYPE_NAMES = {dict: "an object", list: "an array", tuple: "an array", str: "a string", bool: "a boolean",
+              int: "a number", float: "a number", type(None): "null", bytes: "bytes", bytearray: "bytes"}
+
+
+def json_type(value: Any) -> str:
+    return TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def describe(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(dict.fromkeys(TYPE_NAMES[k] for k in (kind if isinstance(kind, tuple) else (kind,))))
+
+
+def prompt_at(value: Any, where: str) -> str:
+    try:
+        return check_prompt(value)
+    except PromptError as e:
+        raise BadRequest(str(e) if where == "prompt" else f"{where}: {e}") from None
+
+
+def image_bytes(value: Any, where: str) -> bytes:
+    """An image sent as bytes, base64 or a base64 data URL. Strings are never read as paths or URLs."""
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        text = value
+        if text.startswith("data:"):
+            header, comma, text = text.partition(",")
+            if not comma or not header.endswith(";base64"):
+                raise BadRequest(f"{where}: a data URL must be base64 (data:image/png;base64,...)")
+        elif "://" in text[:16]:
+            raise BadRequest(f"{where}: URLs are not fetched; send the image itself (base64 or a data URL)")
+        try:
+            data = base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise BadRequest(f"{where}: bad base64 ({e}); images are sent as base64 or data URLs, never as paths") from None
+    else:
+        raise BadRequest(f"{where} must be a base64 string or a data URL, got {json_type(value)}")
+    if not data:
+        raise BadRequest(f"{where}: the image is empty (0 bytes)")
+    return data
+
+
+def image_list(value: Any, where: str) -> list[bytes]:
+    if not isinstance(value, (list, tuple)):
+        raise BadRequest(f"{where} must be an array of images, got {json_type(value)}")
+    if not value:
+        raise BadRequest(f"{where} is empty: send at least one image")
+    return [image_bytes(x, f"{where}[{j}]") for j, x in enumerate(value)]
+
+
+def comparison(parsed: Parsed, job: EmbedJob, ctx: Context, group: int) -> PromptResult:
+    p, rows = parsed.groups[group]
+    names = [image_name(job.images[k], job.image_index[k]) for k in rows]
+    errors = {i: job.errors[k] for i, k in enumerate(rows) if k in job.errors}
+    return ctx.assembler.assemble(parsed.prompts[p], names, job.image_embs[rows], errors, job.text.embeddings[p],
+                                  job.text.truncated[p])
+
+
+# ---- /v1/score --------------------------------------------------------------------------------------
+def parse_score(body: bytes) -> Parsed:
+    doc = parse_json(body)
+    parsed = Parsed()
+    if isinstance(doc, dict) and "items" in doc:
+        items = field_of(doc, "items", list)
+        if not items:
+            raise BadRequest("items is empty: send at least one {\"prompt\", \"images\"} item")
+        for i, item in enumerate(items):
+            where = f"items[{i}]"
+            parsed.add_group(prompt_at(field_of(item, "prompt", str, where), f"{where}.prompt"),
+                             image_list(field_of(item, "images", list, where), f"{where}.images"))
+        parsed.extra["items"] = True
+    else:
+        parsed.add_group(prompt_at(field_of(doc, "prompt", str), "prompt"), image_list(field_of(doc, "images", list), "images"))
+    return parsed
+
+
+def render_score(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
+    results = [comparison(parsed, job, ctx, g).to_json() for g in range(len(parsed.groups))]
+    return json.dumps(results if parsed.extra.get("items") else results[0], ensure_ascii=False).encode()
+
+
+# ---- /v1/rewards (pickle) ---------------------------------------------------------------------------
+def parse_rewards(body: bytes) -> Parsed:
+    doc = safe_loads(body)
+    if not isinstance(doc, dict):
+        raise BadRequest(f"the pickled request must be a dict with images and prompts, got {json_type(doc)}")
+    images, prompts = doc.get("images"), doc.get("prompts")
+    for name, value in (("images", images), ("prompts", prompts)):
+        if not isinstance(value, (list, tuple)):
+            raise BadRequest(f"{name} must be a list, got {'nothing' if value is None else json_type(value)}")
+    if not images:
+        raise BadRequest("images is empty: send at least one image")
+    if len(prompts) != len(images):
+        raise BadRequest(f"one prompt per image: {len(images)} images but {len(prompts)} prompts")
+    parsed = Parsed(images=[image_bytes(x, f"images[{j}]") for j, x in enumerate(images)],
+                    image_index=list(range(len(images))))
+    by_prompt: dict[str, list[int]] = {}
+    for j, p in enumerate(prompts):
+        by_prompt.setdefault(prompt_at(p, f"prompts[{j}]"), []).append(j)
+    for p, rows in by_prompt.items():
+        parsed.prompts.append(p)
+        parsed.groups.append((len(parsed.prompts) - 1, rows))
+    return parsed
+
+
+def render_rewards(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
+    scores, errors = [math.nan] * len(parsed.images), [None] * len(parsed.images)
+    for g, (_, rows) in enumerate(parsed.groups):
+        for k, row in zip(rows, comparison(parsed, job, ctx, g).results):
+            if row.score is not None:
+                scores[k] = row.score
+            errors[k] = row.error
+    return dumps({"scores": scores, "errors": errors, "random_weights": ctx.assembler.random_weights,
+                  "backend": ctx.assembler.backend, "precision": ctx.assembler.precision, "model": ctx.model})
+
+
+# ---- /v1/embeddings (OpenAI) ------------------------------------------------------------------------
+def parse_embeddings(body: bytes) -> Parsed:
+    doc = parse_json(body)
+    inputs = field_of(doc, "input", (str, list))
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    if not inputs:
+        raise BadRequest("input is empty: send at least one text or image data URL")
+    fmt = field_of(doc, "encoding_format", str, required=False) or "float"
+    if fmt not in ("float", "base64"):
+        raise BadRequest(f"encoding_format must be float or base64, got {fmt!r}")
+    parsed = Parsed(extra={"format": fmt, "kinds": []})
+    for i, x in enumerate(inputs):
+        where = f"input[{i}]"
+        if isinstance(x, str) and x.startswith("data:"):
+            parsed.extra["kinds"].append(("image", len(parsed.images)))
+            parsed.images.append(image_bytes(x, where))
+            parsed.image_index.append(i)
+        elif isinstance(x, str):
+            parsed.extra["kinds"].append(("text", len(parsed.prompts)))
+            parsed.prompts.append(prompt_at(x, where))
+        else:
+            raise BadRequest(f"{where} must be a text or an image data URL (token-id input is not supported), "
+                             f"got {json_type(x)}")
+    parsed.extra["dimensions"] = field_of(doc, "dimensions", int, required=False)
+    return parsed
+
+
+def render_embeddings(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
+    wanted = parsed.extra["dimensions"]
+    if wanted is not None and wanted != ctx.embed_dim:
+        raise BadRequest(f"dimensions: this model's embeddings have {ctx.embed_dim} dimensions, not {wanted}")
+    data = []
+    for index, (kind, k) in enumerate(parsed.extra["kinds"]):
+        if kind == "image" and k in job.errors:
+            raise BadRequest(f"input[{index}]: {job.errors[k].reason}")
+        vector = (job.text.embeddings if kind == "text" else job.image_embs)[k].astype("<f4")
+        encoded = base64.b64encode(vector.tobytes()).decode() if parsed.extra["format"] == "base64" else vector.tolist()
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = int(ctx.tokenizer(parsed.prompts).lengths.sum()) if parsed.prompts else 0
+    return json.dumps({"object": "list", "data": data, "model": ctx.model,
+                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                       "random_weights": ctx.assembler.random_weights}).encode()
+
+
+# ---- /v1/rerank (vLLM / Jina / Cohere) ----------------------------------------------------------------
+def document_image(doc: Any, where: str) -> str | bytes:
+    """The image in one rerank document: a data URL string (vLLM / Cohere style), {"image": ...} (Jina),
+    or an OpenAI content part {"type": "image_url", "image_url": {"url": ...}} (vLLM multi-modal)."""
+    if isinstance(doc, str):
+        if not doc.startswith("data:"):
+            raise BadRequest(f"{where}: PickScore reranks images; send each document as an image data URL "
+                             "(data:image/png;base64,...)")
+        return doc
+    if isinstance(doc, dict):
+        if "image" in doc:
+            return doc["image"]
+        url = doc.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if url is not None:
+            return url
+        if "text" in doc:
+            raise BadRequest(f"{where}: a text document cannot be scored; PickScore reranks images")
+    raise BadRequest(f"{where} must be an image data URL, {{\"image\": ...}} or an image_url content part, "
+                     f"got {json_type(doc)}")
+
+
+def parse_rerank(body: bytes) -> Parsed:
+    doc = parse_json(body)
+    query = prompt_at(field_of(doc, "query", str), "query")
+    documents = field_of(doc, "documents", (list, dict))
+    if isinstance(documents, dict):  # vLLM's multi-modal form {"content": [parts]}
+        documents = field_of(documents, "content", list, "documents")
+        where = "documents.content"
+    else:
+        where = "documents"
+    if not documents:
+        raise BadRequest(f"{where} is empty: send at least one image")
+    top_n = field_of(doc, "top_n", int, required=False) or 0
+    if top_n < 0:
+        raise BadRequest(f"top_n must be 0 (all) or more, got {top_n}")
+    parsed = Parsed(extra={"top_n": top_n, "return_documents": bool(doc.get("return_documents")), "documents": documents})
+    parsed.add_group(query, [image_bytes(document_image(d, f"{where}[{j}]"), f"{where}[{j}]") for j, d in enumerate(documents)])
+    return parsed
+
+
+def render_rerank(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
+    if job.errors:
+        k, error = min(job.errors.items())
+        raise BadRequest(f"documents[{k}]: {error.reason}")
+    result = comparison(parsed, job, ctx, 0)
+    order = sorted(range(len(result.results)), key=lambda j: result.results[j].rank)
+    top = order[: parsed.extra["top_n"] or None]
+    rows = []
+    for j in top:
+        row = {"index": j, "relevance_score": result.results[j].score, "prob": result.results[j].prob}
+        if parsed.extra["return_documents"]:
+            row["document"] = parsed.extra["documents"][j]
+        rows.append(row)
+    tokens = int(ctx.tokenizer([parsed.prompts[0]]).lengths.sum())
+    return json.dumps({"id": f"rerank-{uuid.uuid4().hex}", "model": ctx.model,
+                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": rows,
+                       "random_weights": ctx.assembler.random_weights}).encode()
+
+
+PROTOCOLS = {p.name: p for p in (
+    Protocol("score", "/v1/score", JSON, parse_score, render_score),
+    Protocol("rewards", "/v1/rewards", PICKLE, parse_rewards, render_rewards),
+    Protocol("embeddings", "/v1/embeddings", JSON, parse_embeddings, render_embeddings),
+    Protocol("rerank", "/v1/rerank", JSON, parse_rerank, render_rerank),
+)}
