@@ -84,7 +84,7 @@ def verify_precisions(artifacts_dir: str | Path, precisions: Sequence[str | None
         gc.collect()
     reports = [_report(run, ref_text, ref_img, ref_scores, t_reference, artifacts_dir, len(paths), source.weights_kind)
                for run in runs]
-    machine = machine_info(None)  # int8 numerics differ between CPUs with and without AVX-512 VNNI
+    machine = machine_info(None)  # which CPU ran it: int8 kernels differ with and without AVX-512 VNNI
     for report in reports:
         report["reference_device"] = reference_device
         report["machine"] = machine

@@ -23,13 +23,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pickscore"
 
 
-def cached_artifacts(model: str, random_init: bool, seed: int, precision: str,
+def cached_artifacts(model: str, random_init: bool, seed: int, precision: str, stress: bool = False,
                      progress: Callable[[str], None] = print) -> Path:
     tools = export_tools("--model (exporting on first use)")
-    source = tools.ModelSource(model, random_init=random_init, seed=seed)
+    source = tools.ModelSource(model, random_init=random_init, seed=seed, stress=stress)
     key = json.dumps([source.cache_key(), precision, package_versions(KEY_PACKAGES), FORMAT_VERSION], sort_keys=True, default=str)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name or model)
-    label = f"random{seed}" if random_init else "weights"
+    label = (f"random{seed}" + ("-stress" if stress else "")) if random_init else "weights"
     target = cache_root() / f"{slug}-{label}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if not (target / MANIFEST).is_file():
         progress(f"first use of {model} ({precision}): exporting to {target} (later runs reuse it)")

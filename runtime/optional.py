@@ -20,11 +20,13 @@ EXTRAS = {
     "pyarrow": "parquet",
     "matplotlib": "bench",
     "ray": "ray",
+    "fsspec": "ray",  # hf:// and other fsspec-only URIs in --ray inputs
     "tensorrt": "tensorrt",
     "cuda": "tensorrt",
     "fastapi": "server",
     "uvicorn": "server",
     "prometheus_client": "server",
+    "starlette": "server",
     "pickscore_export": "export",
 }
 TORCH_HINT = "on a CPU machine install torch==2.13.0 first: an unpinned torch pulls gigabytes of CUDA packages"

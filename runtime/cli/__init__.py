@@ -17,15 +17,13 @@ from pathlib import Path
 
 from ..artifacts import PRECISION_ORDER
 from ..backends import BACKENDS, PRECISIONS
+from ..bench import DEFAULT_STAGES as BENCH_DEFAULT_STAGES
+from ..bench import STAGES as BENCH_STAGES
+from ..engines.profiles import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_OPT_LEVEL
 from ..errors import PickScoreError
+from .console import EXIT_INTERNAL, EXIT_USAGE, say
 
 log = logging.getLogger("pickscore")
-
-EXIT_OK, EXIT_UNSCORED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def positive_int(text: str) -> int:
@@ -36,6 +34,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def path_or_uri(text: str) -> Path | str:
+    """A local path, or a URI (s3://, gs://, file://...) kept as written: Path would fold its '//'."""
+    return text if "://" in text else Path(text)
 
 
 def csv_list(choices: tuple[str, ...] | None = None):
@@ -66,6 +69,8 @@ def add_source_args(p: argparse.ArgumentParser, default_model: str | None) -> No
                    help="hub id or local Hugging Face folder" + (f" (default {default_model})" if default_model else ""))
     p.add_argument("--random-init", action="store_true",
                    help="build the model from DIR/config.json with seeded RANDOM weights (offline testing only)")
+    p.add_argument("--stress", action="store_true",
+                   help="with --random-init: plant trained-ViT-like activation outliers (what makes fp16/int8 fragile)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --random-init (default 0)")
 
 
@@ -103,13 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--artifacts", type=Path, metavar="DIR", help="an exported artifacts directory")
     where.add_argument("--model", metavar="MODEL", help="export this model on first use into the user cache (needs [export])")
     p.add_argument("--random-init", action="store_true", help="with --model DIR: RANDOM weights (testing only)")
+    p.add_argument("--stress", action="store_true", help="with --random-init: plant trained-ViT-like activation outliers")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --random-init (default 0)")
     work = p.add_mutually_exclusive_group(required=True)
     work.add_argument("--prompt", metavar="TEXT", help="score IMAGE... (files, directories, globs) against this prompt")
-    work.add_argument("--input", type=Path, metavar="FILE", help="CSV / JSONL / Parquet with prompt and image (or images) columns, "
+    work.add_argument("--input", type=path_or_uri, metavar="FILE", help="CSV / JSONL / Parquet with prompt and image (or images) columns, "
                                                  "optional id and group")
     p.add_argument("images", nargs="*", help="image files, directories or quoted globs (with --prompt)")
-    p.add_argument("--output", type=Path, metavar="FILE", help="write result rows here (.csv, .jsonl or .parquet), committed in parts")
+    p.add_argument("--output", type=path_or_uri, metavar="FILE", help="write result rows here (.csv, .jsonl or .parquet), committed in parts")
     p.add_argument("--commit-rows", type=positive_int, default=2000, metavar="N",
                    help="commit --output every N rows or 10 s, whichever comes first (default 2000): a crash loses at most that")
     again = p.add_mutually_exclusive_group()
@@ -117,11 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true", help="replace an existing --output (atomically, at the end)")
     add_backend_args(p)
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="N", help="images per backend call (default: per backend)")
-    p.add_argument("--workers", type=positive_int, default=None, metavar="N", help="image decoding threads (default: cores, at most 8)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="image decoding threads (default: cores, at most 8); with --ray: scorer actors")
     p.add_argument("--text-cache", type=Path, default=None, metavar="FILE", help="SQLite file caching text embeddings across runs")
     p.add_argument("--max-image-pixels", type=positive_int, default=None, metavar="N",
                    help="refuse images with more pixels than this (default 8192x8192)")
+    p.add_argument("--jpeg-draft", action="store_true",
+                   help="fast decoding, not exact: decode large JPEGs at 1/2-1/8 scale in the DCT domain (README: effect)")
+    p.add_argument("--reducing-gap", type=float, default=None, metavar="G",
+                   help="fast resizing, not exact: PIL's reducing_gap (e.g. 2 or 3; README: effect on scores)")
     p.add_argument("--json", action="store_true", help="with --prompt: print JSON instead of a table")
+    p.add_argument("--ray", action="store_true",
+                   help="scale out on a Ray cluster: --input SRC (a file or a directory of CSV / JSONL / Parquet / WebDataset "
+                        ".tar files) -> --output OUT_DIR (Parquet files); --workers: scorer actors (default one per GPU); "
+                        "resumable with --resume (needs the [ray] extra)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="with --ray: the cluster to join (default: Ray's own choice)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="with --ray: GPUs per scorer actor (default 1 where the cluster has GPUs; 0: CPU scorers of --threads cores)")
+    p.add_argument("--no-build", action="store_true",
+                   help="with --backend tensorrt: refuse (exit 2) instead of building a missing engine (which takes minutes)")
 
     p = sub.add_parser("cache", help="inspect a text-embedding cache file")
     p.add_argument("action", choices=["stats"], help="what to do")
@@ -134,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnx-cpu", choices=list(BACKENDS), help="backend to check (default onnx-cpu)")
     p.add_argument("--precision", default=None, type=csv_list(PRECISIONS),
                    help="one or several (fp32,int8): the reference runs once for all (default: the backend's first)")
+    p.add_argument("--reference-device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the fp32 reference runs (cuda: on the GPU with TF32 off; default cpu)")
     p.add_argument("--output", type=Path, metavar="FILE", help="also write the report (a list for several precisions) here as JSON")
 
     p = sub.add_parser("bench", help="benchmark backends side by side on the same inputs")
@@ -142,10 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated backend[:precision], e.g. torch:fp32,torch:bf16,onnx-cpu:int8")
     p.add_argument("--batch-sizes", default=[1, 4, 8], type=lambda t: [positive_int(x) for x in csv_list()(t)],
                    help="comma-separated batch sizes (default 1,4,8)")
-    p.add_argument("--stages", default=None, type=csv_list(("vision", "text", "text-cached", "e2e")),
-                   help="comma-separated stages (default all: vision,text,text-cached,e2e)")
+    p.add_argument("--stages", default=None, type=csv_list(BENCH_STAGES),
+                   help=f"comma-separated, from {','.join(BENCH_STAGES)} (default {','.join(BENCH_DEFAULT_STAGES)})")
+    p.add_argument("--e2e-images", type=positive_int, default=None, metavar="N",
+                   help="images in the e2e folders (JPEG and PNG, 640x480; default twice the largest batch)")
     add_source_args(p, default_model=None)
     p.add_argument("--threads", type=positive_int, default=None, metavar="N", help="CPU threads per backend (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="image decoding threads in the e2e stages (default: cores, at most 8)")
     p.add_argument("--min-calls", type=positive_int, default=3, metavar="N", help="timed calls per cell at least (default 3)")
     p.add_argument("--min-seconds", type=float, default=2.0, metavar="S",
                    help="and at least this much timed time per cell (default 2.0)")
@@ -155,6 +181,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, metavar="FILE", help="write rows + machine info here as JSON")
     p.add_argument("--markdown", type=Path, metavar="FILE", help="write a markdown table here")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG chart here (needs the [bench] extra)")
+
+    p = sub.add_parser("engine", help="build or list TensorRT engines for an artifacts directory")
+    actions = p.add_subparsers(dest="engine_action", required=True, metavar="ACTION")
+    e = actions.add_parser("build", help="build one engine per tower for this GPU and TensorRT (needs [tensorrt]; minutes)")
+    e.add_argument("--artifacts", required=True, type=Path, metavar="DIR", help="the exported artifacts directory")
+    e.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
+                   help="which ONNX towers to build from (default fp16: the GPU precision plan)")
+    e.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH, metavar="N",
+                   help=f"largest batch the engines take (default {DEFAULT_MAX_BATCH})")
+    e.add_argument("--opt-batch", type=positive_int, default=DEFAULT_OPT_BATCH, metavar="N",
+                   help=f"batch the engines are tuned for (default {DEFAULT_OPT_BATCH})")
+    e.add_argument("--opt-level", type=int, default=DEFAULT_OPT_LEVEL, choices=range(6), metavar="0-5",
+                   help=f"TensorRT builder optimisation level (default {DEFAULT_OPT_LEVEL}; higher builds longer)")
+    e.add_argument("--workspace-gb", type=float, default=None, metavar="G",
+                   help="builder workspace limit in GiB (default: TensorRT's, the device's memory)")
+    e.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
+                   help="persistent timing cache (default: beside the engines, per GPU and TensorRT version)")
+    e.add_argument("--force", action="store_true", help="rebuild even if an engine with these settings exists")
+    e.add_argument("--hash-check", choices=["full", "size"], default="full",
+                   help="full: check every artifact's SHA-256 first (default); size: sizes only")
+    e = actions.add_parser("list", help="list the recorded engines and whether this machine can load them")
+    e.add_argument("--artifacts", required=True, type=Path, metavar="DIR", help="the exported artifacts directory")
+
+    p = sub.add_parser("serve", help="serve scores over HTTP, batched across requests (needs [server])")
+    p.add_argument("--artifacts", required=True, type=Path, metavar="DIR", help="the exported artifacts directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    add_backend_args(p)
+    p.add_argument("--max-batch", type=positive_int, default=None, metavar="N",
+                   help="images per backend call, taken from concurrent requests (default: the backend's batch size)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="M",
+                   help="at most this long a ready image waits for images still being decoded to fill its batch (default 5)")
+    p.add_argument("--max-queue", type=positive_int, default=64, metavar="Q",
+                   help="requests in flight at most; more get 503 with Retry-After (default 64)")
+    p.add_argument("--max-body-mb", type=float, default=64.0, metavar="N", help="request size limit, 413 above it (default 64)")
+    p.add_argument("--request-timeout-s", type=float, default=300.0, metavar="S",
+                   help="a request not answered in S seconds gets 504 (default 300)")
+    p.add_argument("--api-key-file", type=Path, default=None, metavar="F",
+                   help="require `Authorization: Bearer KEY` with a key from this file (one per line)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N", help="image decoding threads (default: cores, at most 8)")
+    p.add_argument("--text-cache", type=Path, default=None, metavar="FILE", help="SQLite file caching text embeddings across runs")
+    p.add_argument("--max-image-pixels", type=positive_int, default=None, metavar="N",
+                   help="refuse images with more pixels than this (default 8192x8192)")
+    ray = p.add_argument_group("replicas on Ray Serve (needs [serve-ray])")
+    ray.add_argument("--ray", metavar="ADDRESS", default=None,
+                     help="run as a Ray Serve deployment: 'local' starts a local Ray, else a cluster address ('auto', ray://...)")
+    ray.add_argument("--replicas", type=positive_int, default=1, metavar="N", help="replicas (default 1)")
+    ray.add_argument("--replica-gpus", type=float, default=None, metavar="G", help="GPUs per replica (default 1 for GPU backends, else 0)")
+    ray.add_argument("--replica-cpus", type=float, default=None, metavar="C", help="CPU cores per replica (default 1 with a GPU, else 2)")
+    ray.add_argument("--ray-cpus", type=positive_int, default=None, metavar="N", help="with --ray local: cores Ray may use (default all)")
+    ray.add_argument("--ray-object-store-mb", type=positive_int, default=None, metavar="M",
+                     help="with --ray local: object store size (default Ray's)")
 
     p = sub.add_parser("info", help="describe an artifacts directory")
     p.add_argument("--artifacts", required=True, type=Path, metavar="DIR", help="the artifacts directory")

@@ -6,16 +6,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..artifacts import Artifacts
 from ..errors import InputError
+from ..gate_records import record_gate_results
 from ..optional import export_tools
-from . import EXIT_OK, EXIT_UNSCORED, say
+from .console import EXIT_OK, EXIT_UNSCORED, say
+from .engine import cmd_engine
 from .score import cmd_score
 
 
 def model_source(tools: Any, args: Any):
     if args.random_init and not args.model:
         raise InputError("--random-init needs --model DIR (a folder with config.json and the tokenizer files)")
-    return tools.ModelSource(args.model, random_init=args.random_init, seed=args.seed) if args.model else None
+    if args.stress and not args.random_init:
+        raise InputError("--stress plants outliers into random weights: it needs --random-init")
+    return tools.ModelSource(args.model, random_init=args.random_init, seed=args.seed, stress=args.stress) if args.model else None
 
 
 def cmd_export(args: Any) -> int:
@@ -28,7 +33,8 @@ def cmd_export(args: Any) -> int:
 def cmd_verify(args: Any) -> int:
     tools = export_tools()
     reports = tools.verify_precisions(args.artifacts, args.precision or [None], model_source(tools, args),
-                                      backend=args.backend, images=args.images, progress=say)
+                                      backend=args.backend, images=args.images, progress=say,
+                                      reference_device=args.reference_device)
     text = json.dumps(reports[0] if len(reports) == 1 else reports, indent=2)
     print(text)
     if args.output:
@@ -36,16 +42,22 @@ def cmd_verify(args: Any) -> int:
     for report in reports:
         say(("PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"])) +
             f" ({report['backend']}/{report['precision']}, {report['n_prompts']} prompts x {report['n_images']} images)")
+    try:  # what `auto` reads: it never picks a precision that failed here
+        fingerprint = Artifacts.load(args.artifacts, hash_check="size").fingerprint
+        say(f"recorded in {record_gate_results(args.artifacts, fingerprint, reports)}")
+    except OSError as e:
+        say(f"warning: could not record the results beside the artifacts ({e}); `auto` will not know them")
     return EXIT_OK if all(r["passed"] for r in reports) else EXIT_UNSCORED
 
 
 def cmd_bench(args: Any) -> int:
-    from ..bench import STAGES, markdown_table, plot, run_bench
+    from ..bench import DEFAULT_STAGES, markdown_table, plot, run_bench
 
     source = model_source(export_tools("the torch backends", ("torch", "transformers"), "torch"), args) \
-        if args.model or args.random_init else None
-    result = run_bench(args.artifacts, args.backends, args.batch_sizes, args.stages or STAGES, model_source=source,
-                       threads=args.threads, min_calls=args.min_calls, min_seconds=args.min_seconds, interleave=not args.sequential, progress=say)
+        if args.model or args.random_init or args.stress else None
+    result = run_bench(args.artifacts, args.backends, args.batch_sizes, args.stages or DEFAULT_STAGES, model_source=source,
+                       threads=args.threads, workers=args.workers, min_calls=args.min_calls, min_seconds=args.min_seconds, interleave=not args.sequential,
+                       n_jpegs=args.e2e_images, progress=say)
     table = markdown_table(result)
     print(table)
     if args.output:
@@ -77,5 +89,11 @@ def cmd_info(args: Any) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: Any) -> int:
+    from ..server.command import cmd_serve as serve  # the server stack loads only for this command
+
+    return serve(args)
+
+
 COMMANDS = {"export": cmd_export, "score": cmd_score, "verify": cmd_verify, "bench": cmd_bench, "cache": cmd_cache,
-            "info": cmd_info}
+            "info": cmd_info, "serve": cmd_serve, "engine": cmd_engine}

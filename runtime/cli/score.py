@@ -12,8 +12,9 @@ from ..backends import BACKENDS
 from ..errors import InputError
 from ..pipeline import WorkItem
 from ..results import RANDOM_WEIGHTS_BANNER, PromptResult
+from ..scale.cli import cmd_score_ray
 from ..work_io import InputRow, PartedOutput, Progress, count_images, expand_images, read_rows, read_work, result_rows
-from . import EXIT_OK, EXIT_UNSCORED, say
+from .console import EXIT_OK, EXIT_UNSCORED, say
 
 
 class GracefulStop:
@@ -63,6 +64,10 @@ def check_args(args: Any) -> None:
         raise InputError("--json goes with --prompt; with --input, rows go to stdout as JSONL or to --output")
     if args.random_init and args.artifacts is not None:
         raise InputError("--random-init goes with --model; artifacts record their own source")
+    if args.stress and not args.random_init:
+        raise InputError("--stress plants outliers into random weights: it needs --random-init")
+    if args.reducing_gap is not None and args.reducing_gap < 1.0:
+        raise InputError(f"--reducing-gap must be 1.0 or more, got {args.reducing_gap}")
     if args.precision and args.backend != "auto" and args.precision not in BACKENDS[args.backend].precisions:
         raise InputError(f"backend {args.backend} runs {', '.join(BACKENDS[args.backend].precisions)}, not {args.precision}")
 
@@ -86,6 +91,8 @@ def cmd_score(args: Any) -> int:
     from ..scorer import PickScorer
 
     check_args(args)
+    if args.ray or args.ray_address is not None or args.gpus_per_worker is not None:  # scale-out: imports ray only then
+        return cmd_score_ray(args)
     rows, total = work_rows(args)
     output = PartedOutput(args.output, resume=args.resume, overwrite=args.overwrite, part_rows=args.commit_rows,
                           inputs=[args.input] if args.input else []) if args.output else None
@@ -96,11 +103,14 @@ def cmd_score(args: Any) -> int:
             say(f"resuming: {args.output} already holds {len(output.committed)} input row(s); scoring the rest")
             total = max(total - len(output.committed), 0) if total is not None else None
         artifacts = args.artifacts or cached_artifacts(args.model, args.random_init, args.seed, args.precision or "fp32",
-                                                       progress=say)
+                                                       stress=args.stress, progress=say)
         options = {"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}
+        if args.no_build:
+            options["build"] = False  # the tensorrt backend's option; the others take none
         scorer = PickScorer.load(artifacts, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
                                  workers=args.workers, threads=args.threads, hash_check=args.hash_check,
-                                 text_cache_file=args.text_cache, **options)
+                                 text_cache_file=args.text_cache, jpeg_draft=args.jpeg_draft,
+                                 reducing_gap=args.reducing_gap, **options)
         if scorer.random_weights:
             say(f"WARNING: {RANDOM_WEIGHTS_BANNER}")
         if args.backend == "auto" or args.precision is None:

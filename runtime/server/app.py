@@ -113,21 +113,25 @@ def build_app(service: PickScoreService, *, load_on_startup: bool = False) -> An
         """Readiness: artifacts loaded and warmed up, and not draining."""
         return JSONResponse(service.describe(), status_code=200 if service.ready else 503)
 
-    @app.get("/metrics")
-    async def prometheus(request: Request):
+    def unauthorized(request: Request) -> Response | None:
+        """The 401 for a GET that needs the key, or None."""
         try:
             check_auth(request)
         except RequestRefused as e:
             return refused(e)
+        return None
+
+    @app.get("/metrics")
+    async def prometheus(request: Request):
+        if (refusal := unauthorized(request)) is not None:
+            return refusal
         content, media_type = await in_thread(metrics.render)
         return Response(content, media_type=media_type)
 
     @app.get("/v1/models")
     async def models(request: Request):
-        try:
-            check_auth(request)
-        except RequestRefused as e:
-            return refused(e)
+        if (refusal := unauthorized(request)) is not None:
+            return refusal
         name = service.context.model if service.context else "pickscore"
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "pickscore"}]}
 

@@ -132,6 +132,14 @@ def read_rows(path: Path) -> Iterator[InputRow]:
         yield _validate(rec, number, "id" in columns, "group" in columns, first_row_of)
 
 
+def validate_record(values: dict[str, Any] | None, number: int, *, line: int | None = None, problem: str | None = None,
+                    has_id: bool = False, has_group: bool = False, first_row_of: dict[str, int] | None = None) -> InputRow:
+    """One record checked exactly as read_rows checks it, for readers that number their rows themselves
+    (e.g. in parallel). `problem`: why the record has no usable values; `first_row_of`: id -> the row that
+    first used it (a repeated id becomes an error row); without it, repeats are not looked for."""
+    return _validate(_Fields(line, values, problem), number, has_id, has_group, {} if first_row_of is None else first_row_of)
+
+
 def _validate(rec: _Fields, number: int, has_id: bool, has_group: bool, first_row_of: dict[str, int]) -> InputRow:
     row = InputRow(number, str(number), rec.line)
     values = rec.values or {}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..durable import sync_dir
 from ..errors import InputError, PickScoreError
 from ..locks import FileLock, LockedError
 from ..optional import require
@@ -126,14 +127,6 @@ def _sync_close(file: Any) -> None:
     file.flush()
     os.fsync(file.fileno())
     file.close()
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_committed(path: Path) -> list[tuple[str, bool]]:
@@ -252,7 +245,7 @@ class PartedOutput:
             writer.write(self._buffer)
             writer.close()
             os.replace(tmp, part)
-            _sync_dir(self.parts_dir)
+            sync_dir(self.parts_dir)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot write {part}: {e.strerror or e}. The {len(self.committed)} rows committed "
@@ -278,7 +271,7 @@ class PartedOutput:
                     writer.append(part)
                 writer.close()
                 os.replace(tmp, self.path)
-                _sync_dir(self.path.parent)
+                sync_dir(self.path.parent)
             except OSError as e:
                 tmp.unlink(missing_ok=True)
                 raise OutputError(f"cannot write {self.path}: {e.strerror or e}. Every row is kept in "
