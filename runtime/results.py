@@ -133,6 +133,10 @@ class ResultAssembler:
             rows[j].error = e.reason
         return self._result(prompt, rows, truncated=truncated, key=key)
 
+    def paired_scores(self, text_embs: np.ndarray, image_embs: np.ndarray) -> np.ndarray:
+        """float32 [N]: image i scored against prompt i (an RL batch: one prompt per generation)."""
+        return (self.logit_scale_exp * np.einsum("nd,nd->n", image_embs, text_embs)).astype(np.float32)
+
     def failed(self, prompt: Any, image_names: Sequence[str], error: str, key: Any = None) -> PromptResult:
         """A result for an item that could not be scored at all (bad prompt, bad input row)."""
         rows = [ImageScore(name, error=PROMPT_NOT_SCORED) for name in image_names]

@@ -41,7 +41,7 @@ class PickScoreReward:
                 raise ValueError(f"one prompt per image: {len(images)} images but {len(prompts)} prompts")
             embs, failed = self.scorer.pipeline().embed(images)
             text = self.scorer.text.encode(prompts).embeddings
-            rewards = (self.scorer.assembler.logit_scale_exp * np.einsum("nd,nd->n", embs, text)).astype(np.float32)
+            rewards = self.scorer.assembler.paired_scores(text, embs)
             errors = [failed[i].reason if i in failed else None for i in range(len(images))]
         RewardError.raise_for(errors, self.on_error)
         backend = self.scorer.backend

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -138,9 +139,20 @@ class PickScorer:
         pixels = self.tensors(images, mode, layout)
         if not isinstance(pixels, np.ndarray) and not (self.backend.device == "cuda" and pixels.is_cuda):
             pixels = pixels.cpu().numpy()  # a CPU backend, or a CPU tensor
-        step = max(1, self.backend.batch_size)
-        pending = [self.backend.submit_images(pixels[i:i + step]) for i in range(0, len(pixels), step)]
-        return np.concatenate([p.result() for p in pending])
+        return self.embed_pixels(pixels)
+
+    def embed_pixels(self, pixels: Any) -> np.ndarray:
+        """Embeddings [N, D] of preprocessed pixels [N, 3, S, S] (numpy, or a device array the backend
+        binds), in the backend's batches; the next batch is submitted before the last is collected
+        where the backend overlaps copies with compute (queue_depth 2 on GPUs)."""
+        backend, step = self.backend, max(1, self.backend.batch_size)
+        done, pending = [], deque()
+        for start in range(0, len(pixels), step):
+            pending.append(backend.submit_images(pixels[start:start + step]))
+            while len(pending) >= max(1, backend.queue_depth):
+                done.append(pending.popleft().result())
+        done += [p.result() for p in pending]
+        return np.concatenate(done)
 
     # ---- scoring ------------------------------------------------------------------------------
     def score_tensors(self, prompts: str | Sequence[str], images: Any, mode: str = "exact",
@@ -155,7 +167,7 @@ class PickScorer:
             raise ValueError(f"one prompt per image (or one for all): {n} images but {len(prompts)} prompts")
         text = self.text.encode(prompts).embeddings  # first: a bad prompt fails before any image work
         embs = self.embed_tensors(images, mode, layout)
-        return (self.assembler.logit_scale_exp * np.einsum("nd,nd->n", embs, text)).astype(np.float32)
+        return self.assembler.paired_scores(text, embs)
 
     def score(self, prompt: str, images: Sequence[ImageInput] | Any, tensor_mode: str = "exact") -> PromptResult:
         """Score one prompt against its images. A bad prompt raises; a bad image is kept as an error row.

@@ -23,7 +23,7 @@ import json
 import os
 import posixpath
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator
 
 from ..artifacts import Artifacts
@@ -66,6 +66,13 @@ class JobOptions:
     hash_check: str = "full"
     text_cache_file: str | None = None
     commit_rows: int = 2000  # rows per committed Parquet file (and checkpoint): what a crash can cost at most
+
+    def scoring_options(self) -> dict[str, Any]:
+        """score_images' keyword arguments: every field but where the model is and how output is committed."""
+        chosen = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("artifacts", "commit_rows")}
+        if chosen["max_image_pixels"] is None:  # score_images' own default applies
+            del chosen["max_image_pixels"]
+        return chosen
 
     def identity(self, fingerprint: str) -> dict[str, Any]:
         return {"artifacts": fingerprint, "backend": self.backend, "precision": self.precision,
@@ -230,13 +237,7 @@ def _score_pass(found: InputFiles, out: OutputDirectory, options: JobOptions) ->
         id_column=KEY, checkpoint_path=_ray_path(out.checkpoint), override_filesystem=out.root.fs,
         delete_checkpoint_on_success=False)
     try:
-        extra = {"max_image_pixels": options.max_image_pixels} if options.max_image_pixels else {}
-        scored = score_images(read_input(found), options.artifacts, backend=options.backend, precision=options.precision,
-                              batch_size=options.batch_size, workers=options.workers,
-                              gpus_per_worker=options.gpus_per_worker, threads=options.threads,
-                              hash_check=options.hash_check, text_cache_file=options.text_cache_file,
-                              jpeg_draft=options.jpeg_draft, reducing_gap=options.reducing_gap, base_dir=found.base_dir,
-                              **extra)
+        scored = score_images(read_input(found), options.artifacts, base_dir=found.base_dir, **options.scoring_options())
         scored.write_parquet(_ray_path(out.scored), filesystem=out.root.fs, min_rows_per_file=options.commit_rows,
                              ray_remote_args=WRITE_ARGS)
     finally:

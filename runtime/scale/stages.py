@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -111,7 +110,8 @@ class ImageScorer:
         encoded = self.scorer.text.encode(distinct)
         text_of = dict(zip(distinct, zip(encoded.embeddings, encoded.truncated)))
         ok = [i for i in usable if image_errors[i] is None]
-        embeddings = self._embed(pixels if len(ok) == n else pixels[ok]) if ok else None  # no copy when all are usable
+        kept = pixels if len(ok) == n else pixels[ok]  # no copy when every row is usable
+        embeddings = self.scorer.embed_pixels(np.ascontiguousarray(kept)) if ok else None
         scores: list[float | None] = [None] * n
         by_prompt: dict[str, list[int]] = {}
         for k, i in enumerate(ok):
@@ -129,18 +129,6 @@ class ImageScorer:
                                    (RANDOM_WEIGHTS, [self.scorer.random_weights] * n, pa.bool_())):
             out = out.append_column(name, pa.array(values, kind))
         return out
-
-    def _embed(self, pixels: np.ndarray) -> np.ndarray:
-        """The backend's batches, the next submitted before the last is collected where the backend
-        overlaps copies with compute (queue_depth 2 on GPUs)."""
-        backend, step = self.scorer.backend, self.scorer.backend.batch_size
-        done, pending = [], deque()
-        for start in range(0, len(pixels), step):
-            pending.append(backend.submit_images(np.ascontiguousarray(pixels[start : start + step])))
-            while len(pending) >= max(1, backend.queue_depth):
-                done.append(pending.popleft().result())
-        done += [p.result() for p in pending]
-        return np.concatenate(done)
 
     def __del__(self) -> None:
         scorer = getattr(self, "scorer", None)
