@@ -8,6 +8,8 @@ ARTIFACTS_DIR holds the fp32 vision tower (and the shipped dynamic int8). Candid
 - ort-plain:     dynamic quantisation of the fp32 graph as before SmoothQuant (activation scales per call)
 - ort-smooth:    SmoothQuant (export/smooth.py, alpha per --alphas) folded into the fp32 graph, then
                  dynamic quantisation
+- ort-plan:      any quantisation plan quantize_int8 can build (--plans): SmoothQuant, per-token activation
+                 scales (export/token_scale.py), per-channel weights, reduced range, layers kept fp32
 - ort-static:    static QDQ int8, calibrated (MinMax) on generated images that are not the verify set,
                  per-channel weights, attention's activation x activation matmuls included (needs > 20 GB
                  at full size: ONNX Runtime's calibrator; not runnable on a 24 GB machine)
@@ -34,7 +36,7 @@ from pickscore_runtime.artifacts import Artifacts
 from vision_candidates import (embed_all, min_cosine, openvino_candidate, ort_candidate, p50_seconds, parse_args,
                                preprocessor, report, verify_pixels)
 
-CANDIDATES = ("ort-dynamic", "ort-plain", "ort-smooth", "ov-nncf", "ov-bf16")
+CANDIDATES = ("ort-dynamic", "ort-plain", "ort-smooth", "ort-plan", "ov-nncf", "ov-bf16")
 
 
 def quantize_static_qdq(fp32: Path, dst: Path, calib: np.ndarray) -> None:
@@ -54,6 +56,26 @@ def quantize_static_qdq(fp32: Path, dst: Path, calib: np.ndarray) -> None:
                     extra_options={"MatMulConstBOnly": False})
 
 
+def plan_options(spec: str) -> dict:
+    """'alpha=0.5/ratio=5/per_channel/keep=mlp_down/token=layernorm' -> quantize_int8's keyword arguments."""
+    options: dict = {"smooth_min_outlier_ratio": 0.0}
+    for item in spec.split("/"):
+        key, _, value = item.partition("=")
+        if key == "alpha":
+            options["smooth_alpha"] = float(value)
+        elif key == "ratio":
+            options["smooth_min_outlier_ratio"] = float(value)
+        elif key == "keep":
+            options["keep_fp32"] = tuple(value.split("+"))
+        elif key == "token":
+            options["token_scale"] = value
+        elif key in ("per_channel", "reduce_range") and not value:
+            options[key] = True
+        else:
+            raise SystemExit(f"plan {spec!r}: unknown option {item!r}")
+    return options
+
+
 def quantize_nncf(fp32: Path, calib: np.ndarray):
     import nncf
     import openvino as ov
@@ -70,6 +92,10 @@ def main() -> None:
         ap.add_argument("--calib", type=int, default=32)
         ap.add_argument("--alphas", default="0.5", help="SmoothQuant alphas (ort-smooth), each as alpha[/min outlier "
                         "ratio[/roles kept fp32, e.g. mlp_down]]")
+        ap.add_argument("--plans", default="", help="ort-plan candidates: quantisation plans separated by commas, "
+                        "each as /-separated options of quantize_int8: alpha=A (SmoothQuant), ratio=R (its min outlier "
+                        "ratio, default 0), keep=ROLE[+ROLE] (kept fp32), token=SCOPE (per-token scales), per_channel, "
+                        "reduce_range; e.g. alpha=0.5/ratio=5/per_channel/reduce_range/token=layernorm")
     args = parse_args(__doc__, extra)
     wanted = args.only.split(",")
     artifacts = Artifacts.load(args.artifacts, hash_check="size")
@@ -94,6 +120,12 @@ def main() -> None:
             print(f"built SmoothQuant {spec} + dynamic int8 in {built[f'smooth-{spec}']} s", flush=True)
             candidates[f"ort-smooth-{spec}"] = ort_candidate(Path(tmp) / f"smooth{spec}.int8.onnx".replace("/", "_"),
                                                              "ort-smooth", "int8")
+        for i, spec in enumerate(p for p in args.plans.split(",") if p and "ort-plan" in wanted):
+            t0 = time.perf_counter()
+            quantize_int8(fp32, Path(tmp) / f"plan{i}.int8.onnx", calibration=calib, **plan_options(spec))
+            built[f"plan-{spec}"] = round(time.perf_counter() - t0, 1)
+            print(f"built plan {spec} in {built[f'plan-{spec}']} s", flush=True)
+            candidates[f"ort-plan-{spec}"] = ort_candidate(Path(tmp) / f"plan{i}.int8.onnx", "ort-plan", "int8")
         if {"ort-static", "ov-static"} & set(wanted):
             t0 = time.perf_counter()
             quantize_static_qdq(fp32, Path(tmp) / "static.onnx", calib)

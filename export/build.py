@@ -99,9 +99,9 @@ def _export_into(stage: Path, source: ModelSource, precisions: list[str], opset:
         onnx_export.export_fp32(tower_module(clip, tower), spec, fp32, opset, (tokenizer.bos_id, tokenizer.eos_id))
         derive = {"fp16": lambda dst: onnx_export.convert_fp16(fp32, dst, spec),
                   "int8": lambda dst: int8_summary.update(onnx_export.quantize_int8(
-                      fp32, dst, smooth_alpha=onnx_export.INT8_SMOOTH_ALPHA,
-                      calibration=calibration_pixels(PreprocessConfig.from_json(preprocessing),
-                                                     onnx_export.INT8_CALIBRATION_IMAGES)) or {})}
+                      fp32, dst, calibration=calibration_pixels(PreprocessConfig.from_json(preprocessing),
+                                                                onnx_export.INT8_CALIBRATION_IMAGES),
+                      **onnx_export.INT8_PLAN) or {})}
         variants = {}
         for precision in precisions:
             if precision == "int8" and tower not in onnx_export.INT8_TOWERS:
@@ -112,8 +112,10 @@ def _export_into(stage: Path, source: ModelSource, precisions: list[str], opset:
                 progress(f"deriving {tower} tower {precision} from fp32")
                 derive[precision](path)
             variants[precision] = _variant(path, stage, opset, NUMERICS[precision])
-            if precision == "int8" and int8_summary:
-                variants[precision]["smoothquant"] = dict(int8_summary)
+            if precision == "int8":
+                variants[precision]["int8_plan"] = dict(onnx_export.INT8_PLAN)
+                if int8_summary:
+                    variants[precision]["smoothquant"] = dict(int8_summary)
         if not any(v["files"][0]["path"] == fp32.name for v in variants.values()):
             _remove_with_data(fp32)
         towers[tower] = {"io": spec.to_json(), "precisions": variants}

@@ -195,6 +195,13 @@ INT8_OPS = ["MatMul", "Gemm"]
 # smoothed at alpha 0.5 it reached 0.99988 there. alpha 0.8 moved too much into the weights (0.9979).
 INT8_SMOOTH_ALPHA = 0.5
 INT8_SMOOTH_MIN_OUTLIER_RATIO = 5.0  # inputs with fewer outliers are not smoothed (see export/smooth.py)
+# What export ships (benchmarks/QUANTIZATION.md, "Per-token scales, per-channel weights, reduced range"):
+# per-tensor weights in 8 bits. Per-channel weights in 7 bits (reduce_range: without VNNI, ONNX Runtime's
+# u8 x s8 kernel sums pairs in 16 bits and full-range per-channel weights saturate it) were much better on
+# stress weights (0 decisive flips instead of 4) but failed the gate on plain weights (pairwise order
+# 0.975 < 0.98), and stress still failed: not shipped.
+INT8_PLAN = {"smooth_alpha": INT8_SMOOTH_ALPHA, "smooth_min_outlier_ratio": INT8_SMOOTH_MIN_OUTLIER_RATIO,
+             "per_channel": False, "reduce_range": False}
 INT8_CALIBRATION_IMAGES = 32
 # Only the vision tower is quantised. Measured on the full architecture: int8 text embeddings reached
 # cosine 0.998 (vs 0.9996 for vision) and dominated the score error, while the text tower costs 7x less
@@ -220,13 +227,12 @@ KEEP_FP32_ROLES = {"mlp_down": mlp_down_projections}
 def quantize_int8(src: Path, dst: Path, per_channel: bool = False, attention_matmuls: bool = False,
                   smooth_alpha: float | None = None, calibration: np.ndarray | None = None,
                   smooth_min_outlier_ratio: float = INT8_SMOOTH_MIN_OUTLIER_RATIO,
-                  keep_fp32: Sequence[str] = ()) -> dict | None:
+                  keep_fp32: Sequence[str] = (), token_scale: str | None = None,
+                  reduce_range: bool = False) -> dict | None:
     """Dynamic int8 of `src`, SmoothQuant-ed first when smooth_alpha is given (calibration: preprocessed
-    pixels, never the verify set). Returns the smoothing summary, if any."""
-    # The defaults of export (build.py) are what ships: smoothed at INT8_SMOOTH_ALPHA, per-tensor weights. per_channel=False: as fast as per-channel and the more accurate one
-    # on AVX2 CPUs (min image cosine 0.99979 vs 0.99945), a little less accurate on VNNI CPUs (0.99976 vs
-    # 0.99985): benchmarks/QUANTIZATION.md. Trained weights with outlier channels may favour
-    # per-channel: re-measure with `pickscore verify --precision int8` when they can be had.
+    pixels, never the verify set), with per-token activation scales where token_scale names a scope
+    (export/token_scale.py). Returns a summary of what was done besides quantising, if anything."""
+    # What ships is INT8_PLAN (build.py passes it); the defaults here are plain dynamic quantisation.
     # attention_matmuls=False: attention's activation x activation matmuls stay fp32; quantising them
     # measured no speed difference beyond noise.
     import tempfile
@@ -234,6 +240,7 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = False, attention_mat
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from .smooth import smooth_quant
+    from .token_scale import scale_tokens
 
     summary = None
     with tempfile.TemporaryDirectory(prefix="smoothquant-", dir=dst.parent) as tmp:
@@ -243,9 +250,14 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = False, attention_mat
             smoothed = Path(tmp) / src.name
             summary = smooth_quant(src, smoothed, calibration, smooth_alpha, smooth_min_outlier_ratio)
             src = smoothed if summary["applied"] else src
+        if token_scale is not None:
+            scaled = Path(tmp) / f"token-scaled-{src.name}"
+            summary = {**(summary or {}), "token_scales": scale_tokens(src, scaled, token_scale)}
+            src = scaled
         excluded = [name for role in keep_fp32 for name in KEEP_FP32_ROLES[role](src)]
         quantize_dynamic(
-            str(src), str(dst), op_types_to_quantize=INT8_OPS, per_channel=per_channel, weight_type=QuantType.QInt8,
+            str(src), str(dst), op_types_to_quantize=INT8_OPS, per_channel=per_channel, reduce_range=reduce_range,
+            weight_type=QuantType.QInt8,
             use_external_data_format=False,  # int8 towers are < 1 GB: one self-contained file
             nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": not attention_matmuls},
         )

@@ -171,3 +171,23 @@ def test_smoothquant_keeps_the_function_and_acts_only_where_there_are_outliers(s
     assert len(kept) == layers and all(ops.get(name) == "MatMul" for name in kept)
     assert sum(op == "MatMul" for op in ops.values()) == 3 * layers  # + attention's two activation x activation matmuls
     assert any(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops.values())
+
+
+def test_export_ships_the_int8_plan_and_records_it(stress_artifacts):
+    """INT8_PLAN reaches the artifacts: the manifest records it, and the int8 vision graph's weights are
+    quantised as it says (one scale per matrix or per output column; 8 or 7 bits)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pickscore_export.onnx_export import INT8_PLAN
+
+    variant = json.loads((stress_artifacts / "manifest.json").read_text())["towers"]["vision"]["precisions"]["int8"]
+    assert variant["int8_plan"] == INT8_PLAN and variant["smoothquant"]["applied"]
+    graph = onnx.load(str(stress_artifacts / "vision.int8.onnx")).graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weights = [n.input[1] for n in graph.node if n.op_type == "MatMulInteger"]  # q, k, v, out, fc1, fc2; projection
+    assert len(weights) == 6 * json.loads((stress_artifacts / "manifest.json").read_text())["dims"]["vision_layers"] + 1
+    for name in weights:
+        w, scale = arrays[name], arrays[name.replace("_quantized", "_scale")]
+        assert w.dtype == np.int8 and (np.abs(w.astype(np.int16)).max() <= 64) == INT8_PLAN["reduce_range"]
+        assert scale.size == (w.shape[1] if INT8_PLAN["per_channel"] else 1)
