@@ -30,7 +30,10 @@ NUMERICS = {
     "int8": (f"SmoothQuant (alpha {onnx_export.INT8_SMOOTH_ALPHA}, on matmul inputs whose channel maxima reach "
              f"{onnx_export.INT8_SMOOTH_MIN_OUTLIER_RATIO:g}x their median; calibrated on "
              f"{onnx_export.INT8_CALIBRATION_IMAGES} generated images) folded into the fp32 graph, then dynamic "
-             "quantisation: int8 per-tensor MatMul/Gemm weights, uint8 activations quantised per call; rest fp32"),
+             f"quantisation: {onnx_export.INT8_PLAN['weight_type']} "
+             f"{'per-channel' if onnx_export.INT8_PLAN['per_channel'] else 'per-tensor'} MatMul/Gemm weights"
+             f"{' in 7 bits (reduce_range)' if onnx_export.INT8_PLAN['reduce_range'] else ''}, uint8 activations "
+             "quantised per call; rest fp32"),
 }
 
 

@@ -181,12 +181,13 @@ def test_export_ships_the_int8_plan_and_records_it(stress_artifacts):
 
     from pickscore_export.onnx_export import INT8_PLAN
 
-    variant = json.loads((stress_artifacts / "manifest.json").read_text())["towers"]["vision"]["precisions"]["int8"]
+    manifest = json.loads((stress_artifacts / "manifest.json").read_text())
+    variant = manifest["towers"]["vision"]["precisions"]["int8"]
     assert variant["int8_plan"] == INT8_PLAN and variant["smoothquant"]["applied"]
     graph = onnx.load(str(stress_artifacts / "vision.int8.onnx")).graph
     arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     weights = [n.input[1] for n in graph.node if n.op_type == "MatMulInteger"]  # q, k, v, out, fc1, fc2; projection
-    assert len(weights) == 6 * json.loads((stress_artifacts / "manifest.json").read_text())["dims"]["vision_layers"] + 1
+    assert len(weights) == 6 * manifest["dims"]["vision_layers"] + 1
     for name in weights:
         w, scale = arrays[name], arrays[name.replace("_quantized", "_scale")]
         assert w.dtype == np.dtype(INT8_PLAN["weight_type"])
