@@ -71,6 +71,8 @@ def plan_options(spec: str) -> dict:
             options["token_scale"] = value
         elif key == "weights":
             options["weight_type"] = value
+        elif key == "roles":  # roles=mlp_up:channel_u8+projection:channel7 (export/onnx_export.WEIGHT_SCHEMES)
+            options["role_weights"] = dict(r.split(":", 1) for r in value.split("+"))
         elif key in ("per_channel", "reduce_range") and not value:
             options[key] = True
         else:
@@ -97,7 +99,8 @@ def main() -> None:
         ap.add_argument("--plans", default="", help="ort-plan candidates: quantisation plans separated by commas, "
                         "each as /-separated options of quantize_int8: alpha=A (SmoothQuant), ratio=R (its min outlier "
                         "ratio, default 0), keep=ROLE[+ROLE] (kept fp32), token=SCOPE (per-token scales), per_channel, "
-                        "reduce_range, weights=int8|uint8; e.g. alpha=0.5/ratio=5/per_channel/reduce_range/token=layernorm")
+                        "reduce_range, weights=int8|uint8, roles=ROLE:SCHEME[+...] (a role's own weight scheme); "
+                        "e.g. alpha=0.5/ratio=5/per_channel/reduce_range/token=layernorm")
     args = parse_args(__doc__, extra)
     wanted = args.only.split(",")
     artifacts = Artifacts.load(args.artifacts, hash_check="size")

@@ -32,8 +32,11 @@ NUMERICS = {
              f"{onnx_export.INT8_CALIBRATION_IMAGES} generated images) folded into the fp32 graph, then dynamic "
              f"quantisation: {onnx_export.INT8_PLAN['weight_type']} "
              f"{'per-channel' if onnx_export.INT8_PLAN['per_channel'] else 'per-tensor'} MatMul/Gemm weights"
-             f"{' in 7 bits (reduce_range)' if onnx_export.INT8_PLAN['reduce_range'] else ''}, uint8 activations "
-             "quantised per call; rest fp32"),
+             f"{' in 7 bits (reduce_range)' if onnx_export.INT8_PLAN['reduce_range'] else ''}"
+             + "".join(f"; {role} weights: {scheme} ({onnx_export.WEIGHT_SCHEME_TEXT[scheme]})"
+                       for role, scheme in (onnx_export.INT8_PLAN.get("role_weights") or {}).items())
+             + "".join(f"; {role} kept fp32" for role in onnx_export.INT8_PLAN.get("keep_fp32", ()))
+             + "; uint8 activations quantised per call; rest fp32"),
 }
 
 

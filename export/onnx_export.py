@@ -212,28 +212,85 @@ INT8_TOWERS = ("vision",)
 INT8_SKIPPED_NOTE = "fp32 (the text tower is not quantised: see INT8_TOWERS in export/onnx_export.py)"
 
 
-def mlp_down_projections(model_path: Path) -> list[str]:
-    """The MatMuls that reduce features at least 2x (the MLP's second matmul, 4d -> d), found by their
-    constant weight's shape: the inputs that carry the MLP's outlier units (benchmarks/QUANTIZATION.md)."""
+def weight_matmuls(model_path: Path) -> list[tuple[str, str, list[int], str]]:
+    """(name, op type, weight shape, module path) of each MatMul/Gemm with a constant weight; the module path
+    is the `namespace` metadata the exporter records on each node (".encoder.layers.<block>.mlp.fc1...")."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     shapes = {t.name: list(t.dims) for t in graph.initializer}
-    return [n.name for n in graph.node if n.op_type == "MatMul" and len(shapes.get(n.input[1], [])) == 2
-            and shapes[n.input[1]][0] >= 2 * shapes[n.input[1]][1]]
+    return [(n.name, n.op_type, shapes[n.input[1]], next((p.value for p in n.metadata_props if p.key == "namespace"), ""))
+            for n in graph.node if n.op_type in INT8_OPS and len(n.input) > 1 and n.input[1] in shapes]
 
 
-KEEP_FP32_ROLES = {"mlp_down": mlp_down_projections}
+def mlp_down_projections(model_path: Path) -> list[str]:
+    """The MatMuls that reduce features at least 2x (the MLP's second matmul, 4d -> d), found by their
+    constant weight's shape: the inputs that carry the MLP's outlier units (benchmarks/QUANTIZATION.md)."""
+    return [name for name, op, shape, _ in weight_matmuls(model_path)
+            if op == "MatMul" and len(shape) == 2 and shape[0] >= 2 * shape[1]]
+
+
+def mlp_up_projections(model_path: Path) -> list[str]:
+    """The MatMuls that widen features at least 2x (the MLP's first matmul, d -> 4d): their weights hold the
+    MLP's outlier units as rows, which one scale per matrix serves badly (benchmarks/QUANTIZATION.md)."""
+    return [name for name, op, shape, _ in weight_matmuls(model_path)
+            if op == "MatMul" and len(shape) == 2 and 2 * shape[0] <= shape[1]]
+
+
+def _located_matmuls(model_path: Path) -> list[tuple[str, str]]:
+    """(name, module path) of each weight matmul; refuses a graph whose nodes carry no module paths, where
+    every matmul would look like it sits outside the encoder blocks."""
+    found = [(name, module) for name, _, _, module in weight_matmuls(model_path)]
+    if not any(".encoder.layers." in module for _, module in found):
+        raise ValueError(f"matmul roles by block: {model_path.name} records no module paths (namespace metadata)")
+    return found
+
+
+def encoder_block_matmuls(model_path: Path, block: int) -> list[str]:
+    """The weight matmuls of encoder block `block`."""
+    return [name for name, module in _located_matmuls(model_path) if f".encoder.layers.{block}." in module]
+
+
+def output_projections(model_path: Path) -> list[str]:
+    """The weight matmuls outside the encoder blocks: the tower's final projection."""
+    return [name for name, module in _located_matmuls(model_path) if ".encoder.layers." not in module]
+
+
+MATMUL_ROLES = {"mlp_up": mlp_up_projections, "mlp_down": mlp_down_projections, "projection": output_projections}
+
+
+def role_matmuls(model_path: Path, role: str) -> list[str]:
+    """The MatMuls a role names: one of MATMUL_ROLES, or "block:N" (every weight matmul of encoder block N)."""
+    kind, _, index = role.partition(":")
+    found = (encoder_block_matmuls(model_path, int(index)) if kind == "block" and index.isdigit()
+             else MATMUL_ROLES[role](model_path) if role in MATMUL_ROLES else None)
+    if found is None:
+        raise ValueError(f"matmul role {role!r}: not one of {sorted(MATMUL_ROLES)} or block:N")
+    if not found:
+        raise ValueError(f"matmul role {role!r}: {model_path.name} has no such matmul")
+    return found
+
+
+# Weight schemes by name, as quantize_dynamic's (per_channel, reduce_range, weight_type); a plan's
+# role_weights gives some roles their own (benchmarks/int8_attribution.py emulates the same schemes).
+WEIGHT_SCHEMES = {"tensor": (False, False, "int8"), "channel": (True, False, "int8"),
+                  "channel7": (True, True, "int8"), "channel_u8": (True, False, "uint8")}
+WEIGHT_SCHEME_TEXT = {"tensor": "int8, one scale per matrix", "channel": "int8, one scale per output column",
+                      "channel7": "int8 in 7 bits, one scale per output column",
+                      "channel_u8": "uint8, one scale and zero point per output column"}
 
 
 def quantize_int8(src: Path, dst: Path, per_channel: bool = False, attention_matmuls: bool = False,
                   smooth_alpha: float | None = None, calibration: np.ndarray | None = None,
                   smooth_min_outlier_ratio: float = INT8_SMOOTH_MIN_OUTLIER_RATIO,
                   keep_fp32: Sequence[str] = (), token_scale: str | None = None,
-                  reduce_range: bool = False, weight_type: str = "int8") -> dict | None:
+                  reduce_range: bool = False, weight_type: str = "int8",
+                  role_weights: dict[str, str] | None = None) -> dict | None:
     """Dynamic int8 of `src`, SmoothQuant-ed first when smooth_alpha is given (calibration: preprocessed
     pixels, never the verify set), with per-token activation scales where token_scale names a scope
-    (export/token_scale.py). Returns a summary of what was done besides quantising, if anything."""
+    (export/token_scale.py), the matmuls of keep_fp32's roles left fp32 and those of role_weights' roles
+    quantised with their own weight scheme (WEIGHT_SCHEMES). Returns a summary of what was done besides
+    quantising, if anything."""
     # What ships is INT8_PLAN (build.py passes it); the defaults here are plain dynamic quantisation.
     # weight_type "uint8": ONNX Runtime's u8 x u8 kernels, which cannot saturate on CPUs without VNNI.
     # attention_matmuls=False: attention's activation x activation matmuls stay fp32; quantising them
@@ -257,13 +314,29 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = False, attention_mat
             scaled = Path(tmp) / f"token-scaled-{src.name}"
             summary = {**(summary or {}), "token_scales": scale_tokens(src, scaled, token_scale)}
             src = scaled
-        excluded = [name for role in keep_fp32 for name in KEEP_FP32_ROLES[role](src)]
-        quantize_dynamic(
-            str(src), str(dst), op_types_to_quantize=INT8_OPS, per_channel=per_channel, reduce_range=reduce_range,
-            weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[weight_type],
-            use_external_data_format=False,  # int8 towers are < 1 GB: one self-contained file
-            nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": not attention_matmuls},
-        )
+        excluded = [name for role in keep_fp32 for name in role_matmuls(src, role)]
+        own_scheme = {role: [n for n in role_matmuls(src, role) if n not in excluded] for role in role_weights or {}}
+
+        def quantize(source: Path, target: Path, scheme: tuple, **nodes) -> None:
+            per_ch, reduced, weights = scheme
+            # quantize_dynamic turns a Gemm into a MatMul named <name>_MatMul before it reads the node lists
+            nodes = {k: [f for n in names for f in (n, f"{n}_MatMul")] for k, names in nodes.items()}
+            quantize_dynamic(
+                str(source), str(target), op_types_to_quantize=INT8_OPS, per_channel=per_ch, reduce_range=reduced,
+                weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[weights],
+                # int8 towers are < 1 GB: one self-contained file; a pass that leaves most weights fp32 is not
+                use_external_data_format=target.parent == Path(tmp),
+                extra_options={"MatMulConstBOnly": not attention_matmuls}, **nodes)
+
+        # One pass per role with its own scheme (quantize_dynamic takes one scheme per call), then the rest.
+        for i, (role, names) in enumerate(own_scheme.items()):
+            step = Path(tmp) / f"role{i}-{src.name}"
+            quantize(src, step, WEIGHT_SCHEMES[role_weights[role]], nodes_to_quantize=names)
+            src = step
+        quantize(src, dst, (per_channel, reduce_range, weight_type), nodes_to_exclude=excluded)
         if keep_fp32:
             summary = {**(summary or {}), "kept_fp32": {"roles": list(keep_fp32), "matmuls": len(excluded)}}
+        if role_weights:
+            summary = {**(summary or {}), "role_weights": {r: {"scheme": role_weights[r], "matmuls": len(n)}
+                                                           for r, n in own_scheme.items()}}
     return summary

@@ -173,24 +173,78 @@ def test_smoothquant_keeps_the_function_and_acts_only_where_there_are_outliers(s
     assert any(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops.values())
 
 
-def test_export_ships_the_int8_plan_and_records_it(stress_artifacts):
-    """INT8_PLAN reaches the artifacts: the manifest records it, and the int8 vision graph's weights are
-    quantised as it says (one scale per matrix or per output column; 8 or 7 bits)."""
+def quantised_weights(int8_path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{name of the fp32 graph's matmul: (its quantised weight, its scale)} of an int8 graph (quantize_dynamic
+    names each MatMulInteger <node>_quant, a Gemm's <node>_MatMul_quant)."""
     import onnx
     from onnx import numpy_helper
 
-    from pickscore_export.onnx_export import INT8_PLAN
+    graph = onnx.load(str(int8_path)).graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    return {n.name.removesuffix("_quant").removesuffix("_MatMul"): (arrays[n.input[1]], arrays[n.input[1].replace("_quantized", "_scale")])
+            for n in graph.node if n.op_type == "MatMulInteger"}
+
+
+def assert_weight_scheme(w: np.ndarray, scale: np.ndarray, scheme: str) -> None:
+    from pickscore_export.onnx_export import WEIGHT_SCHEMES
+
+    per_channel, reduce_range, weight_type = WEIGHT_SCHEMES[scheme]
+    assert w.dtype == np.dtype(weight_type)
+    assert scale.size == (w.shape[1] if per_channel else 1)
+    if w.dtype == np.int8:
+        assert (np.abs(w.astype(np.int16)).max() <= 64) == reduce_range
+
+
+def test_roles_name_their_matmuls_and_take_their_own_weight_scheme(stress_artifacts, tmp_path):
+    """role_matmuls finds each role's matmuls in the exported graph (by weight shape, or by the module path
+    the exporter records); quantize_int8's role_weights quantises those with their own scheme, the rest
+    with the plan's, and keep_fp32 "block:N" leaves one encoder block fp32."""
+    import onnx
+
+    from pickscore_export.onnx_export import quantize_int8, role_matmuls
+
+    fp32 = stress_artifacts / "vision.fp32.onnx"
+    layers = json.loads((stress_artifacts / "manifest.json").read_text())["dims"]["vision_layers"]
+    roles = {r: role_matmuls(fp32, r) for r in ("mlp_up", "mlp_down", "projection", "block:0")}
+    assert [len(roles[r]) for r in ("mlp_up", "mlp_down", "projection", "block:0")] == [layers, layers, 1, 6]
+    assert set(roles["block:0"]) & set(roles["mlp_up"]) and not set(roles["projection"]) & set(roles["block:0"])
+    for bad in ("block:99", "attention", "block:x"):
+        with pytest.raises(ValueError, match="matmul role"):
+            role_matmuls(fp32, bad)
+    bare = onnx.load(str(fp32), load_external_data=False)  # an exporter that records no module paths
+    for node in bare.graph.node:
+        del node.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    assert role_matmuls(tmp_path / "bare.onnx", "mlp_up") == roles["mlp_up"]  # found by shape
+    with pytest.raises(ValueError, match="no module paths"):
+        role_matmuls(tmp_path / "bare.onnx", "projection")
+
+    summary = quantize_int8(fp32, tmp_path / "roles.int8.onnx", keep_fp32=("block:0",),
+                            role_weights={"mlp_up": "channel_u8", "projection": "channel7"})
+    assert summary["role_weights"]["mlp_up"] == {"scheme": "channel_u8", "matmuls": layers - 1}
+    quantised = quantised_weights(tmp_path / "roles.int8.onnx")
+    assert not set(roles["block:0"]) & set(quantised) and len(quantised) == 6 * (layers - 1) + 1
+    for node, (w, scale) in quantised.items():
+        scheme = "channel_u8" if node in roles["mlp_up"] else "channel7" if node in roles["projection"] else "tensor"
+        assert_weight_scheme(w, scale, scheme)
+
+
+def test_export_ships_the_int8_plan_and_records_it(stress_artifacts):
+    """INT8_PLAN reaches the artifacts: the manifest records it, and each matmul of the int8 vision graph is
+    quantised as the plan says for its role (weight type, one scale per matrix or per output column, 8 or 7
+    bits), or left fp32."""
+    from pickscore_export.onnx_export import INT8_PLAN, WEIGHT_SCHEMES, role_matmuls
 
     manifest = json.loads((stress_artifacts / "manifest.json").read_text())
     variant = manifest["towers"]["vision"]["precisions"]["int8"]
     assert variant["int8_plan"] == INT8_PLAN and variant["smoothquant"]["applied"]
-    graph = onnx.load(str(stress_artifacts / "vision.int8.onnx")).graph
-    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    weights = [n.input[1] for n in graph.node if n.op_type == "MatMulInteger"]  # q, k, v, out, fc1, fc2; projection
-    assert len(weights) == 6 * manifest["dims"]["vision_layers"] + 1
-    for name in weights:
-        w, scale = arrays[name], arrays[name.replace("_quantized", "_scale")]
-        assert w.dtype == np.dtype(INT8_PLAN["weight_type"])
-        if w.dtype == np.int8:
-            assert (np.abs(w.astype(np.int16)).max() <= 64) == INT8_PLAN["reduce_range"]
-        assert scale.size == (w.shape[1] if INT8_PLAN["per_channel"] else 1)
+    fp32 = stress_artifacts / "vision.fp32.onnx"
+    own = {n: scheme for role, scheme in (INT8_PLAN.get("role_weights") or {}).items() for n in role_matmuls(fp32, role)}
+    kept = {n for role in INT8_PLAN.get("keep_fp32", ()) for n in role_matmuls(fp32, role)}
+    default = next(k for k, v in WEIGHT_SCHEMES.items()
+                   if v == (INT8_PLAN["per_channel"], INT8_PLAN["reduce_range"], INT8_PLAN["weight_type"]))
+    quantised = quantised_weights(stress_artifacts / "vision.int8.onnx")
+    assert len(quantised) == 6 * manifest["dims"]["vision_layers"] + 1 - len(kept)  # q, k, v, out, fc1, fc2; projection
+    assert not kept & set(quantised)
+    for node, (w, scale) in quantised.items():
+        assert_weight_scheme(w, scale, own.get(node, default))
