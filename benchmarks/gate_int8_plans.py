@@ -76,8 +76,8 @@ def main() -> None:
         summary = copy_with_plan(args.artifacts, copy, spec)
         report = verify(copy, source, precision="int8", progress=lambda m: None)
         rows.append({"plan": spec, **{k: report[k] for k in GATE_KEYS}, "summary": summary,
-                     "seconds": round(time.perf_counter() - t0, 1)})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "summary"}), flush=True)
+                     "seconds": round(time.perf_counter() - t0, 1), "report": report})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("summary", "report")}), flush=True)
     args.json_out.write_text(json.dumps({"artifacts": str(args.artifacts), "weights": source.weights_kind, "rows": rows,
                                          "machine": report.get("machine")}, indent=2) + "\n")
 

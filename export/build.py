@@ -27,17 +27,26 @@ EXPORTABLE = ("fp32", "fp16", "int8")
 NUMERICS = {
     "fp32": "fp32",
     "fp16": "fp16 weights/compute; LayerNorm, softmax, reductions, pow, sqrt, final L2 norm in fp32; fp32 IO",
-    "int8": (f"SmoothQuant (alpha {onnx_export.INT8_SMOOTH_ALPHA}, on matmul inputs whose channel maxima reach "
-             f"{onnx_export.INT8_SMOOTH_MIN_OUTLIER_RATIO:g}x their median; calibrated on "
-             f"{onnx_export.INT8_CALIBRATION_IMAGES} generated images) folded into the fp32 graph, then dynamic "
-             f"quantisation: {onnx_export.INT8_PLAN['weight_type']} "
-             f"{'per-channel' if onnx_export.INT8_PLAN['per_channel'] else 'per-tensor'} MatMul/Gemm weights"
-             f"{' in 7 bits (reduce_range)' if onnx_export.INT8_PLAN['reduce_range'] else ''}"
-             + "".join(f"; {role} weights: {scheme} ({onnx_export.WEIGHT_SCHEME_TEXT[scheme]})"
-                       for role, scheme in (onnx_export.INT8_PLAN.get("role_weights") or {}).items())
-             + "".join(f"; {role} kept fp32" for role in onnx_export.INT8_PLAN.get("keep_fp32", ()))
-             + "; uint8 activations quantised per call; rest fp32"),
 }
+
+
+def int8_numerics(plan: dict) -> str:
+    """The manifest's words for an int8 plan of onnx_export.INT8_PLANS."""
+    return (f"SmoothQuant (alpha {plan['smooth_alpha']}, on matmul inputs whose channel maxima reach "
+            f"{plan['smooth_min_outlier_ratio']:g}x their median; calibrated on {onnx_export.INT8_CALIBRATION_IMAGES} "
+            f"generated images) folded into the fp32 graph, then dynamic quantisation: {plan['weight_type']} "
+            f"{'per-channel' if plan['per_channel'] else 'per-tensor'} MatMul/Gemm weights"
+            f"{' in 7 bits (reduce_range)' if plan['reduce_range'] else ''}"
+            + "".join(f"; {role} weights: {scheme} ({onnx_export.WEIGHT_SCHEME_TEXT[scheme]})"
+                      for role, scheme in (plan.get("role_weights") or {}).items())
+            + "".join(f"; {role} kept fp32" for role in plan.get("keep_fp32", ()))
+            + "; uint8 activations quantised per call; rest fp32")
+
+
+def int8_plan(name: str) -> dict:
+    if name not in onnx_export.INT8_PLANS:
+        raise PickScoreError(f"unknown int8 plan {name!r}; choose from {', '.join(onnx_export.INT8_PLANS)}")
+    return onnx_export.INT8_PLANS[name]
 
 
 def parse_precisions(text: str | Sequence[str]) -> list[str]:
@@ -64,24 +73,28 @@ def model_dims(config) -> dict[str, int]:
 
 def export_artifacts(source: ModelSource, out_dir: str | Path, precisions: Sequence[str] = ("fp32",),
                      force: bool = False, opset: int = onnx_export.OPSET, wait: bool = False,
-                     reuse_existing: bool = False, progress: Callable[[str], None] = log.info) -> Path:
-    """Export `source` into `out_dir` atomically; returns the directory.
+                     reuse_existing: bool = False, progress: Callable[[str], None] = log.info,
+                     int8_plan_name: str = "default") -> Path:
+    """Export `source` into `out_dir` atomically; returns the directory. int8_plan_name: the int8 tower's
+    plan (onnx_export.INT8_PLANS), recorded in the manifest.
 
     Only one export writes a target at a time: a second is refused, or with wait=True waits its turn.
     reuse_existing=True returns a target that already holds artifacts (another process may have
     exported them while this one waited) instead of exporting again.
     """
     precisions = parse_precisions(precisions)
+    int8_plan(int8_plan_name)  # an unknown name is refused before anything is loaded
     out_dir = Path(out_dir)
     with export_lock(out_dir).acquire(wait=wait):
         if reuse_existing and is_artifacts_dir(out_dir):
             return out_dir
         with staged_directory(out_dir, overwrite=force) as stage:
-            _export_into(stage, source, precisions, opset, progress)
+            _export_into(stage, source, precisions, opset, progress, int8_plan_name)
     return out_dir
 
 
-def _export_into(stage: Path, source: ModelSource, precisions: list[str], opset: int, progress: Callable[[str], None]) -> None:
+def _export_into(stage: Path, source: ModelSource, precisions: list[str], opset: int, progress: Callable[[str], None],
+                 int8_plan_name: str) -> None:
     started = time.perf_counter()
     progress(f"loading model {source.model}" + (f" with RANDOM weights (seed {source.seed})" if source.random_init else ""))
     clip = load_clip(source)  # first: missing weights is the error a user most needs to see
@@ -96,7 +109,7 @@ def _export_into(stage: Path, source: ModelSource, precisions: list[str], opset:
         model_record["stress"] = getattr(clip, "pickscore_stress", None)
         model_record["activation_stats"] = stress.activation_stats(clip, *stress.calibration_inputs(files))
     shutil.copyfile(files / "tokenizer.json", stage / "tokenizer.json")
-    towers, int8_summary = {}, {}
+    towers, int8_summary, plan = {}, {}, int8_plan(int8_plan_name)
     for tower in TOWERS:
         spec = specs[tower]
         fp32 = stage / f"{tower}.fp32.onnx"
@@ -107,7 +120,7 @@ def _export_into(stage: Path, source: ModelSource, precisions: list[str], opset:
                   "int8": lambda dst: int8_summary.update(onnx_export.quantize_int8(
                       fp32, dst, calibration=calibration_pixels(PreprocessConfig.from_json(preprocessing),
                                                                 onnx_export.INT8_CALIBRATION_IMAGES),
-                      **onnx_export.INT8_PLAN) or {})}
+                      **plan) or {})}
         variants = {}
         for precision in precisions:
             if precision == "int8" and tower not in onnx_export.INT8_TOWERS:
@@ -117,9 +130,10 @@ def _export_into(stage: Path, source: ModelSource, precisions: list[str], opset:
             if precision != "fp32":
                 progress(f"deriving {tower} tower {precision} from fp32")
                 derive[precision](path)
-            variants[precision] = _variant(path, stage, opset, NUMERICS[precision])
+            variants[precision] = _variant(path, stage, opset, int8_numerics(plan) if precision == "int8" else NUMERICS[precision])
             if precision == "int8":
-                variants[precision]["int8_plan"] = dict(onnx_export.INT8_PLAN)
+                variants[precision]["int8_plan"] = dict(plan)
+                variants[precision]["int8_plan_name"] = int8_plan_name
                 if int8_summary:
                     variants[precision]["smoothquant"] = dict(int8_summary)
         if not any(v["files"][0]["path"] == fp32.name for v in variants.values()):

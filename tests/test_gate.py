@@ -229,22 +229,49 @@ def test_roles_name_their_matmuls_and_take_their_own_weight_scheme(stress_artifa
         assert_weight_scheme(w, scale, scheme)
 
 
-def test_export_ships_the_int8_plan_and_records_it(stress_artifacts):
-    """INT8_PLAN reaches the artifacts: the manifest records it, and each matmul of the int8 vision graph is
-    quantised as the plan says for its role (weight type, one scale per matrix or per output column, 8 or 7
-    bits), or left fp32."""
-    from pickscore_export.onnx_export import INT8_PLAN, WEIGHT_SCHEMES, role_matmuls
+def assert_artifacts_follow_int8_plan(art, name: str) -> None:
+    """The manifest records the plan, and each matmul of the int8 vision graph is quantised as the plan
+    says for its role (weight type, one scale per matrix or per output column, 8 or 7 bits), or left fp32."""
+    from pickscore_export.onnx_export import INT8_PLANS, WEIGHT_SCHEMES, role_matmuls
 
-    manifest = json.loads((stress_artifacts / "manifest.json").read_text())
+    plan = INT8_PLANS[name]
+    manifest = json.loads((art / "manifest.json").read_text())
     variant = manifest["towers"]["vision"]["precisions"]["int8"]
-    assert variant["int8_plan"] == INT8_PLAN and variant["smoothquant"]["applied"]
-    fp32 = stress_artifacts / "vision.fp32.onnx"
-    own = {n: scheme for role, scheme in (INT8_PLAN.get("role_weights") or {}).items() for n in role_matmuls(fp32, role)}
-    kept = {n for role in INT8_PLAN.get("keep_fp32", ()) for n in role_matmuls(fp32, role)}
-    default = next(k for k, v in WEIGHT_SCHEMES.items()
-                   if v == (INT8_PLAN["per_channel"], INT8_PLAN["reduce_range"], INT8_PLAN["weight_type"]))
-    quantised = quantised_weights(stress_artifacts / "vision.int8.onnx")
+    assert variant["int8_plan"] == plan and variant["int8_plan_name"] == name and variant["smoothquant"]["applied"]
+    for role in plan.get("keep_fp32", ()):
+        assert f"{role} kept fp32" in variant["numerics"]
+    fp32 = art / "vision.fp32.onnx"
+    own = {n: scheme for role, scheme in (plan.get("role_weights") or {}).items() for n in role_matmuls(fp32, role)}
+    kept = {n for role in plan.get("keep_fp32", ()) for n in role_matmuls(fp32, role)}
+    default = next(k for k, v in WEIGHT_SCHEMES.items() if v == (plan["per_channel"], plan["reduce_range"], plan["weight_type"]))
+    quantised = quantised_weights(art / "vision.int8.onnx")
     assert len(quantised) == 6 * manifest["dims"]["vision_layers"] + 1 - len(kept)  # q, k, v, out, fc1, fc2; projection
     assert not kept & set(quantised)
     for node, (w, scale) in quantised.items():
         assert_weight_scheme(w, scale, own.get(node, default))
+
+
+def test_export_ships_the_int8_plan_and_records_it(stress_artifacts):
+    from pickscore_export.onnx_export import INT8_PLAN, INT8_PLANS
+
+    assert INT8_PLANS["default"] is INT8_PLAN
+    assert_artifacts_follow_int8_plan(stress_artifacts, "default")
+
+
+def test_export_takes_another_int8_plan_by_name(tiny_model_dir, tmp_path):
+    """`pickscore export --int8-plan fast`: the faster plan, recorded; an unknown name is refused before
+    anything is loaded."""
+    from pickscore_export.build import export_artifacts
+    from pickscore_export.source import ModelSource
+    from pickscore_runtime.errors import PickScoreError
+
+    from helpers import run_cli
+
+    out = run_cli("export", "--model", str(tiny_model_dir), "--random-init", "--out", str(tmp_path / "cli"),
+                  "--precision", "int8", "--int8-plan", "fastest")
+    assert out.returncode == 2 and "unknown int8 plan 'fastest'" in out.stderr and not (tmp_path / "cli").exists()
+    source = ModelSource(str(tiny_model_dir), random_init=True, seed=0, stress=True)
+    with pytest.raises(PickScoreError, match="unknown int8 plan 'fastest'; choose from default, fast"):
+        export_artifacts(source, tmp_path / "bad", ["fp32", "int8"], int8_plan_name="fastest")
+    assert not (tmp_path / "bad").exists()
+    assert_artifacts_follow_int8_plan(export_artifacts(source, tmp_path / "fast", ["fp32", "int8"], int8_plan_name="fast"), "fast")

@@ -25,7 +25,8 @@ def model_source(tools: Any, args: Any):
 
 def cmd_export(args: Any) -> int:
     tools = export_tools()
-    tools.export_artifacts(model_source(tools, args), args.out, args.precision, force=args.force, progress=say)
+    tools.export_artifacts(model_source(tools, args), args.out, args.precision, force=args.force, progress=say,
+                           int8_plan_name=args.int8_plan)
     say(f"exported {', '.join(args.precision)} to {args.out}")
     return EXIT_OK
 
