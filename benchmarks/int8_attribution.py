@@ -41,7 +41,7 @@ from pickscore_export.gate import compare_scores, cosine_rows, failures
 from pickscore_export.onnx_export import INT8_CALIBRATION_IMAGES, INT8_PLAN, WEIGHT_SCHEMES
 from pickscore_export.reference import Reference
 from pickscore_export.samples import PROMPTS, calibration_pixels, write_images
-from pickscore_export.smooth import outlier_ratio
+from pickscore_export.smooth import outlier_ratio, smoothing_divisors
 from pickscore_export.source import ModelSource
 from pickscore_models import model_info
 from pickscore_runtime.preprocess import PreprocessConfig
@@ -136,8 +136,8 @@ def install_emulation(model, calib: np.ndarray, alpha: float, min_ratio: float) 
         x_max = maxima[group[0][0]]
         smooth = None
         if outlier_ratio(x_max.numpy()) >= min_ratio:
-            w_max = torch.stack([m.weight.abs().amax(dim=0) for _, m in group]).amax(dim=0)
-            smooth = torch.clamp(x_max.clamp_min(1e-5) ** alpha / w_max.clamp_min(1e-5) ** (1 - alpha), 1e-4, 1e4)
+            w_max = torch.stack([m.weight.detach().abs().amax(dim=0) for _, m in group]).amax(dim=0)
+            smooth = torch.from_numpy(smoothing_divisors(x_max.numpy(), w_max.numpy(), alpha))
         for name, linear in group:
             emulated[name] = EmulatedInt8Linear(linear, smooth)
     for i, layer in enumerate(model.vision_model.encoder.layers):

@@ -30,6 +30,13 @@ NUMERICS = {
 }
 
 
+def weight_scheme_text(scheme: str) -> str:
+    """e.g. "int8 in 7 bits, one scale per output column" for onnx_export.WEIGHT_SCHEMES["channel7"]."""
+    per_channel, reduce_range, weight_type = onnx_export.WEIGHT_SCHEMES[scheme]
+    return (f"{weight_type}{' in 7 bits' if reduce_range else ''}, one scale"
+            f"{' and zero point' if weight_type == 'uint8' else ''} per {'output column' if per_channel else 'matrix'}")
+
+
 def int8_numerics(plan: dict) -> str:
     """The manifest's words for an int8 plan of onnx_export.INT8_PLANS."""
     return (f"SmoothQuant (alpha {plan['smooth_alpha']}, on matmul inputs whose channel maxima reach "
@@ -37,7 +44,7 @@ def int8_numerics(plan: dict) -> str:
             f"generated images) folded into the fp32 graph, then dynamic quantisation: {plan['weight_type']} "
             f"{'per-channel' if plan['per_channel'] else 'per-tensor'} MatMul/Gemm weights"
             f"{' in 7 bits (reduce_range)' if plan['reduce_range'] else ''}"
-            + "".join(f"; {role} weights: {scheme} ({onnx_export.WEIGHT_SCHEME_TEXT[scheme]})"
+            + "".join(f"; {role} weights: {scheme} ({weight_scheme_text(scheme)})"
                       for role, scheme in (plan.get("role_weights") or {}).items())
             + "".join(f"; {role} kept fp32" for role in plan.get("keep_fp32", ()))
             + "; uint8 activations quantised per call; rest fp32")

@@ -282,9 +282,6 @@ def role_matmuls(model_path: Path, role: str) -> list[str]:
 # role_weights gives some roles their own (benchmarks/int8_attribution.py emulates the same schemes).
 WEIGHT_SCHEMES = {"tensor": (False, False, "int8"), "channel": (True, False, "int8"),
                   "channel7": (True, True, "int8"), "channel_u8": (True, False, "uint8")}
-WEIGHT_SCHEME_TEXT = {"tensor": "int8, one scale per matrix", "channel": "int8, one scale per output column",
-                      "channel7": "int8 in 7 bits, one scale per output column",
-                      "channel_u8": "uint8, one scale and zero point per output column"}
 
 
 def quantize_int8(src: Path, dst: Path, per_channel: bool = False, attention_matmuls: bool = False,

@@ -117,6 +117,12 @@ def outlier_ratio(channel_max: np.ndarray) -> float:
     return float(channel_max.max() / max(float(np.median(channel_max)), 1e-12))
 
 
+def smoothing_divisors(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha) per input channel j, bounded to [1e-4, 1e4]."""
+    s = np.power(np.maximum(x_max, 1e-5), alpha) / np.power(np.maximum(w_max, 1e-5), 1 - alpha)
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
 def smooth_quant(src: Path, dst: Path, calib: np.ndarray, alpha: float, min_outlier_ratio: float = 0.0) -> dict[str, Any]:
     """Write a smoothed copy of the fp32 graph `src` to `dst` (weights in one external file); returns a summary
     whose "applied" is False (and nothing is written) when no input reaches min_outlier_ratio."""
@@ -140,8 +146,7 @@ def smooth_quant(src: Path, dst: Path, calib: np.ndarray, alpha: float, min_outl
 
     def scales(x_max: np.ndarray, users: list) -> np.ndarray:
         w_max = np.max([np.abs(_weight_rows(arrays, u)).max(axis=1) for u in users], axis=0)
-        s = np.power(np.maximum(x_max, 1e-5), alpha) / np.power(np.maximum(w_max, 1e-5), 1 - alpha)
-        return np.clip(s, 1e-4, 1e4).astype(np.float32)
+        return smoothing_divisors(x_max, w_max, alpha)
 
     ratios, skipped = [], 0
     for ln_name, users in folded.items():
