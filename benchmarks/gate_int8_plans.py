@@ -1,6 +1,6 @@
 """Gate int8 plans at full size without exporting again: for each plan, a copy of ARTIFACTS (files
 hard-linked, but the fp32 vision tower copied) whose int8 vision tower is derived again from its fp32 tower with that plan and recorded in
-the copy's manifest, then gate v2 on it (`pickscore verify --precision int8`: the PyTorch reference).
+the copy's manifest, then the gate on it (`pickscore verify --precision int8`: the PyTorch reference).
 
     python benchmarks/gate_int8_plans.py ARTIFACTS --plans SPEC[,SPEC...] --work DIR --json OUT \
         [--model M] [--random-init [--stress] --seed N]
@@ -28,7 +28,8 @@ from pickscore_runtime.preprocess import PreprocessConfig
 
 from int8_candidates import plan_options
 
-GATE_KEYS = ("passed", "failures", "max_abs_score_diff", "mean_abs_score_diff", "max_abs_prob_diff",
+GATE_KEYS = ("passed", "failures", "gate_version", "max_abs_score_diff", "mean_abs_score_diff", "max_abs_prob_diff",
+             "n_resolved_pairs", "resolved_pair_agreement", "n_close_pairs", "close_pair_agreement",
              "pairwise_order_agreement", "n_decisive_pairs", "decisive_pair_flips", "decisive_top1_agreement",
              "best_of_n_regret_mean", "best_of_n_regret_max", "spearman_mean", "min_cosine_image")
 
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--random-init", action="store_true")
     ap.add_argument("--stress", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference-cache", type=Path, default=None, help="reuse the reference's embeddings across plans")
     args = ap.parse_args()
     source = ModelSource(args.model, random_init=args.random_init, seed=args.seed, stress=args.stress)
     rows = []
@@ -74,7 +76,7 @@ def main() -> None:
         t0 = time.perf_counter()
         copy = args.work / f"plan{i}"
         summary = copy_with_plan(args.artifacts, copy, spec)
-        report = verify(copy, source, precision="int8", progress=lambda m: None)
+        report = verify(copy, source, precision="int8", progress=lambda m: None, reference_cache=args.reference_cache)
         rows.append({"plan": spec, **{k: report[k] for k in GATE_KEYS}, "summary": summary,
                      "seconds": round(time.perf_counter() - t0, 1), "report": report})
         print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("summary", "report")}), flush=True)

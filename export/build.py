@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import shutil
@@ -17,9 +18,11 @@ from pickscore_runtime.preprocess import PreprocessConfig
 from pickscore_runtime.tokenizer import ClipTokenizer
 from pickscore_runtime.towers import TOWERS, tower_specs
 
+from pickscore_models import model_info
+
 from . import onnx_export, stress
 from .samples import calibration_pixels
-from .source import ModelSource, load_clip, read_preprocessing, read_tokenizer_settings, tokenizer_files
+from .source import ModelSource, hub_snapshot, load_clip, read_preprocessing, read_tokenizer_settings, tokenizer_files
 
 log = logging.getLogger("pickscore")
 
@@ -56,6 +59,33 @@ def int8_plan(name: str) -> dict:
     return onnx_export.INT8_PLANS[name]
 
 
+def approx_parameters(config: dict) -> float:
+    """Weights in a CLIP config.json, to scale the measured full-size first-use cost to another size."""
+    total = 0.0
+    for tower in ("text_config", "vision_config"):
+        c = config.get(tower) or {}
+        h = c.get("hidden_size", 0)
+        total += c.get("num_hidden_layers", 0) * (4 * h * h + 2 * h * c.get("intermediate_size", 4 * h))
+    return total + config.get("text_config", {}).get("vocab_size", 0) * config.get("text_config", {}).get("hidden_size", 0)
+
+
+def first_use_estimate(source: ModelSource, precisions: Sequence[str], gate: bool = True) -> str:
+    """What a first export will cost, from the full-size figures measured on this project's 2-core CPU
+    (models/pickscore_v1.json `first_use`), scaled by the model's size."""
+    measured = model_info()["first_use"]
+    folder = source.local_dir or hub_snapshot(source.model, source.commit or source.revision)
+    scale = approx_parameters(json.loads((folder / "config.json").read_text())) / measured["parameters"]
+    disk = sum(measured["disk_gb"][p] for p in precisions) * scale
+    times = measured["seconds"].get("+".join(precisions))
+    when = "time not measured for these precisions"
+    if times:
+        when = f"about {times['export'] * scale / 60:.0f} min to export"
+        if gate and len(precisions) > 1:
+            when += f" + {times['gate'] * scale / 60:.0f} min to gate"
+    return (f"{when} on a 2-core CPU, {disk:.1f} GB of disk, peak memory about {measured['peak_ram_gb'] * scale:.0f} GB"
+            f" (scaled from the full size, measured on {measured['machine']})")
+
+
 def parse_precisions(text: str | Sequence[str]) -> list[str]:
     items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
     bad = [p for p in items if p not in EXPORTABLE]
@@ -81,9 +111,14 @@ def model_dims(config) -> dict[str, int]:
 def export_artifacts(source: ModelSource, out_dir: str | Path, precisions: Sequence[str] = ("fp32",),
                      force: bool = False, opset: int = onnx_export.OPSET, wait: bool = False,
                      reuse_existing: bool = False, progress: Callable[[str], None] = log.info,
-                     int8_plan_name: str = "default") -> Path:
+                     int8_plan_name: str = "default", gate: bool = True, gate_backend: str = "onnx-cpu") -> Path:
     """Export `source` into `out_dir` atomically; returns the directory. int8_plan_name: the int8 tower's
     plan (onnx_export.INT8_PLANS), recorded in the manifest.
+
+    gate=True (the default) ends an export of any precision but fp32 with the numerics gate on these very
+    weights (`pickscore verify` on `gate_backend`, against the transformers reference), recorded in
+    gate.json: `auto` serves only what passed. A failed gate still lands the export (fp32 stays exact);
+    its failures are in gate.json and in `gate_reports(out_dir)`.
 
     Only one export writes a target at a time: a second is refused, or with wait=True waits its turn.
     reuse_existing=True returns a target that already holds artifacts (another process may have
@@ -97,7 +132,32 @@ def export_artifacts(source: ModelSource, out_dir: str | Path, precisions: Seque
             return out_dir
         with staged_directory(out_dir, overwrite=force) as stage:
             _export_into(stage, source, precisions, opset, progress, int8_plan_name)
+            gated = [p for p in precisions if p != "fp32"]
+            if gate and gated:
+                gate_export(stage, source, gated, gate_backend, progress)
+            elif gated:
+                progress(f"WARNING: {', '.join(gated)} NOT gated (--no-verify): `auto` serves fp32 from these artifacts "
+                         f"until `pickscore verify --precision {','.join(gated)}` passes")
     return out_dir
+
+
+def gate_export(root: Path, source: ModelSource, precisions: Sequence[str], backend: str,
+                progress: Callable[[str], None]) -> list[dict]:
+    """Gate v3 on freshly exported towers, recorded in root/gate.json; returns the reports."""
+    from pickscore_runtime.artifacts import Artifacts
+    from pickscore_runtime.gate_records import record_gate_results
+
+    from .verify import verify_precisions
+
+    progress(f"gating {', '.join(precisions)} against the PyTorch reference on {backend} (gate v3; --no-verify skips it)")
+    t0 = time.perf_counter()
+    reports = verify_precisions(root, list(precisions), source, backend=backend, progress=progress)
+    record_gate_results(root, Artifacts.load(root, hash_check="size").fingerprint, reports)
+    for r in reports:
+        verdict = "passed" if r["passed"] else "FAILED (auto will not serve it): " + "; ".join(r["failures"])
+        progress(f"gate v3, {r['backend']}/{r['precision']}: {verdict}")
+    progress(f"gate done in {time.perf_counter() - t0:.0f} s")
+    return reports
 
 
 def _export_into(stage: Path, source: ModelSource, precisions: list[str], opset: int, progress: Callable[[str], None],

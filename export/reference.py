@@ -56,6 +56,10 @@ class Reference:
             out.append((embs / torch.norm(embs, dim=-1, keepdim=True)).cpu().numpy())
         return np.concatenate(out)
 
+    @property
+    def logit_scale_exp(self) -> np.float32:
+        return np.float32(self.model.logit_scale.detach().cpu().exp().item())
+
     @torch.inference_mode()
     def calc_probs(self, text_emb: np.ndarray, image_embs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         text, imgs = torch.from_numpy(text_emb[None]), torch.from_numpy(image_embs)

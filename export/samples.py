@@ -1,5 +1,7 @@
 """The built-in verification set: prompts that stress tokenisation and generated images that stress
-decoding and preprocessing (sizes, aspect ratios, PIL modes, file formats). Deterministic."""
+decoding and preprocessing (sizes, aspect ratios, PIL modes, file formats), plus the sizes and formats
+generators emit. Deterministic. 16 prompts x 32 images = 7936 image pairs: large enough that gate v3's
+gated statistics move by less than their margins when the set is resampled (docs: numerics)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,13 @@ PROMPTS = [
     # > 77 tokens: the reference truncates, so must we
     " ".join(["an intricate ornate baroque cathedral interior with golden light streaming through stained glass"] * 6),
     "minimalist logo: red circle on a white background",
+    "portrait of an old fisherman, dramatic rim lighting, 85mm, shallow depth of field",
+    "isometric pixel art of a tiny floating island with a waterfall",
+    "a bowl of ramen, top-down food photography",
+    "watercolor sketch of Paris rooftops in the rain",
+    "cyberpunk street market at night, neon signs, reflections on wet asphalt, cinematic",
+    "a child's crayon drawing of a dragon",
+    "macro photo of a dew drop on a spider web, bokeh",
 ]
 
 # (width, height, PIL mode, file format)
@@ -41,6 +50,21 @@ IMAGE_SPECS = [
     (200, 260, "F", "TIFF"),
     (250, 250, "1", "PNG"),
     (2048, 1536, "RGB", "JPEG"),
+    # What generators emit, in the formats they are saved in: most of a real evaluation set.
+    (512, 512, "RGB", "PNG"),
+    (512, 512, "RGB", "WEBP"),
+    (768, 768, "RGB", "PNG"),
+    (768, 768, "RGB", "JPEG"),
+    (1024, 1024, "RGB", "PNG"),
+    (1024, 1024, "RGB", "JPEG"),
+    (832, 1216, "RGB", "PNG"),
+    (1216, 832, "RGB", "JPEG"),
+    (896, 1152, "RGB", "WEBP"),
+    (640, 640, "RGB", "PNG"),
+    (576, 1024, "RGB", "JPEG"),
+    (1024, 576, "RGB", "PNG"),
+    (448, 448, "RGBA", "PNG"),
+    (720, 1280, "RGB", "JPEG"),
 ]
 
 

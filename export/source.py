@@ -3,8 +3,10 @@ from a folder's config.json (for machines without the weights; loudly labelled e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,9 @@ class ModelSource:
     random_init: bool = False
     seed: int = 0
     stress: bool = False  # with random_init: plant trained-ViT-like activation outliers (see stress.py)
-    revision: str | None = None
+    revision: str | None = None  # a hub branch, tag or commit, as asked for
     processor: str = KNOWN["processor_hub_id"]  # tokenizer/processor files when the model folder lacks them
+    commit: str | None = None  # the hub commit `revision` resolved to (see resolved()); what is loaded
 
     def __post_init__(self) -> None:
         if self.stress and not self.random_init:
@@ -49,8 +52,15 @@ class ModelSource:
         path = Path(self.model).expanduser()
         return path if path.is_dir() else None
 
+    def resolved(self) -> "ModelSource":
+        """This source with a hub revision pinned to the commit it names now (a local folder as it is). The
+        export cache is keyed on the commit, so a moved branch is a new export, never a stale one."""
+        if self.local_dir is not None or self.commit is not None:
+            return self
+        return dataclasses.replace(self, commit=hub_snapshot(self.model, self.revision).name)
+
     def describe(self) -> dict[str, Any]:
-        """The manifest's `source` section."""
+        """The manifest's `source` section: where the weights came from and their hashes."""
         d: dict[str, Any] = {"model": self.model}
         local = self.local_dir
         if local is not None:
@@ -62,6 +72,9 @@ class ModelSource:
         else:
             d["kind"] = "hub"
             d["revision"] = self.revision or "main"
+            if self.commit is not None:
+                d["commit"] = self.commit
+                d["weights_sha256"] = hub_weight_hashes(hub_snapshot(self.model, self.commit))
         if self.random_init:
             d["random_init"] = {"seed": self.seed, "logit_scale": KNOWN["logit_scale"], "stress": self.stress}
         return d
@@ -71,23 +84,49 @@ class ModelSource:
         """The source an artifacts directory was exported from, as its manifest records it."""
         src = manifest["model"]["source"]
         random = src.get("random_init")
+        hub = src.get("kind") == "hub"
         return cls(model=src.get("path") or src["model"], random_init=bool(random),
                    seed=int(random["seed"]) if random else 0, stress=bool(random and random.get("stress")),
-                   revision=src.get("revision") if src.get("kind") == "hub" else None)
+                   revision=src.get("revision") if hub else None, commit=src.get("commit") if hub else None)
 
-    def cache_key(self) -> dict[str, Any]:
-        """Cheap identity for the user export cache (no hashing of gigabytes of weights)."""
-        local = self.local_dir
+    def cache_key(self, content_hash=sha256_file) -> dict[str, Any]:
+        """Identity for the user export cache: the hub commit, or the content hashes of a local folder's
+        config and weights (`content_hash`: a memoised sha256 for gigabytes of weights)."""
         key: dict[str, Any] = {"model": self.model, "random_init": self.random_init, "seed": self.seed,
-                               "stress": self.stress, "revision": self.revision}
+                               "stress": self.stress}
+        local = self.local_dir
         if local is not None:
-            key["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                  for p in [local / "config.json", *_weight_files(local)] if p.exists())
+            files = [local / "config.json"] + ([] if self.random_init else _weight_files(local))
+            key["sha256"] = {p.name: content_hash(p) for p in files if p.exists()}
+        else:
+            key["commit"] = self.resolved().commit
         return key
 
 
 def _weight_files(folder: Path) -> list[Path]:
     return sorted(p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern))
+
+
+def hub_snapshot(model: str, revision: str | None) -> Path:
+    """The local snapshot folder of `model` at `revision` (its name is the commit). Online this asks the hub
+    where the revision points now; offline it reads the local cache's record of it."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, allow_patterns=["config.json"]))
+    except Exception as e:  # noqa: BLE001 - hub errors vary by version; all mean "cannot resolve it"
+        source = ModelSource(model, revision=revision)
+        raise ModelSourceError(_no_weights_message(source, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+
+
+def hub_weight_hashes(snapshot: Path) -> dict[str, str]:
+    """SHA-256 of the weight files present in a hub snapshot. The hub cache stores large files as blobs
+    named by their SHA-256, so those are read from the link, not hashed again."""
+    out = {}
+    for path in _weight_files(snapshot):
+        blob = path.resolve().name
+        out[path.name] = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else sha256_file(path)
+    return out
 
 
 def _no_weights_message(source: ModelSource, detail: str) -> str:
@@ -125,7 +164,7 @@ def load_clip(source: ModelSource):
     if local is not None and not _weight_files(local):
         raise ModelSourceError(_no_weights_message(source, f"no *.safetensors or *.bin in {local}"))
     try:
-        model = CLIPModel.from_pretrained(str(local or source.model), revision=source.revision)
+        model = CLIPModel.from_pretrained(str(local or source.model), revision=source.commit or source.revision)
     except (OSError, ValueError) as e:  # huggingface_hub's offline/not-found errors are OSErrors
         raise ModelSourceError(_no_weights_message(source, str(e).splitlines()[0])) from None
     return model.eval()
@@ -135,6 +174,8 @@ def tokenizer_files(source: ModelSource, dest: Path | None = None) -> Path:
     """A folder holding tokenizer.json and preprocessor_config.json for `source`: the model folder when
     it has them, else the processor repo (the model card takes them from laion's ViT-H-14 repo)."""
     local = source.local_dir
+    if local is None and source.commit is not None:
+        local = hub_snapshot(source.model, source.commit)  # a hub repo that carries its own tokenizer files
     if local is not None and (local / "tokenizer.json").is_file():
         return local
     try:

@@ -4,8 +4,8 @@ Imports neither torch nor transformers (nor ray, tensorrt or a server framework)
 that needs them is used.
 """
 
-from .errors import (ArtifactError, BackendUnavailableError, ImageError, InputError, MissingExtraError, PickScoreError,
-                     PromptError)
+from .errors import (ArtifactError, BackendUnavailableError, ImageError, InputError, MissingExtraError, NonFiniteError,
+                     PickScoreError, PromptError)
 from .image_preparer import ImagePreparer, PreparedImage
 from .pipeline import ScoringPipeline, WorkItem
 from .results import ImageScore, PromptResult, RandomWeightsWarning, ResultAssembler
@@ -14,7 +14,7 @@ from .text_encoder import EncodedPrompts, TextEncoder
 
 __all__ = [
     "ArtifactError", "BackendUnavailableError", "EncodedPrompts", "ImageError", "ImagePreparer", "ImageScore",
-    "InputError", "MissingExtraError", "PickScoreError", "PickScorer", "PreparedImage", "PromptError", "PromptResult",
-    "RandomWeightsWarning", "ResultAssembler", "ScoringPipeline", "TextEncoder", "WorkItem",
+    "InputError", "MissingExtraError", "NonFiniteError", "PickScoreError", "PickScorer", "PreparedImage", "PromptError",
+    "PromptResult", "RandomWeightsWarning", "ResultAssembler", "ScoringPipeline", "TextEncoder", "WorkItem",
 ]
 __version__ = "0.2.0"

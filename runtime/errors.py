@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 
 class PickScoreError(Exception):
     """Base class: the CLI prints these as one line and exits 2, without a traceback."""
@@ -31,10 +33,26 @@ class InputError(PickScoreError):
 class ImageError(PickScoreError):
     """One input image cannot be decoded or used; `item` names it."""
 
-    def __init__(self, item: str, reason: str):
-        super().__init__(f"image {item}: {reason}")
+    def __init__(self, item: str, reason: str, message: str | None = None):
+        super().__init__(message or f"image {item}: {reason}")
         self.item = item
         self.reason = reason
+
+
+class NonFiniteError(ImageError):
+    """A tower (or the score) came out NaN or Inf for some items of a batch scored as a whole
+    (PickScorer.score_tensors). Nothing else is lost: `scores` holds the batch's result, NaN only at the
+    `failed` indices; `reasons` says per failed index which tower failed."""
+
+    def __init__(self, reasons: Mapping[int, str], scores: Any):
+        self.failed = sorted(reasons)
+        self.reasons = {i: reasons[i] for i in self.failed}
+        self.scores = scores
+        items = ", ".join(f"#{i}" for i in self.failed)
+        listed = "; ".join(f"#{i}: {why}" for i, why in list(self.reasons.items())[:5])
+        super().__init__(items, "; ".join(dict.fromkeys(self.reasons.values())),
+                         f"{len(self.failed)} of {len(scores)} item(s) could not be scored: {listed}"
+                         + (" ..." if len(self.failed) > 5 else "") + " (the other scores are in .scores)")
 
 
 class PromptError(PickScoreError):

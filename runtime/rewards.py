@@ -4,7 +4,9 @@
 `images` is what a trainer has: one batch tensor (DDPO hands over float NCHW in [0, 1], usually on the
 GPU), or a list of images (PIL, uint8 arrays, encoded bytes, paths). rewards: float32 [N] PickScore
 scores (scale * cosine), one prompt per image. info: per-image errors, backend, precision,
-random_weights. The server's `pickscore_runtime.server.ServerReward` has the same signature and info,
+random_weights. An image that cannot be scored (undecodable, or a tower returned NaN or Inf for it or
+its prompt) raises RewardError naming it, or with on_error="nan" is NaN with its reason in info["errors"].
+The server's `pickscore_runtime.server.ServerReward` has the same signature and info,
 so a trainer can switch between scoring in process and scoring on a server without other changes.
 """
 
@@ -14,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import RewardError
+from .errors import NonFiniteError, RewardError
 from .scorer import PickScorer
 from .tensor_images import is_tensor_batch
 
@@ -33,16 +35,18 @@ class PickScoreReward:
     def __call__(self, images: Any, prompts: Sequence[str], metadata: Any = None) -> tuple[np.ndarray, dict]:
         prompts = list(prompts)
         if is_tensor_batch(images):
-            rewards = self.scorer.score_tensors(prompts, images, self.mode)
-            errors: list[str | None] = [None] * len(rewards)
+            try:
+                rewards = self.scorer.score_tensors(prompts, images, self.mode)
+                errors: list[str | None] = [None] * len(rewards)
+            except NonFiniteError as e:
+                rewards, errors = e.scores, [e.reasons.get(i) for i in range(len(e.scores))]
         else:
             images = list(images)
             if len(images) != len(prompts):
                 raise ValueError(f"one prompt per image: {len(images)} images but {len(prompts)} prompts")
             embs, failed = self.scorer.pipeline().embed(images)
             text = self.scorer.text.encode(prompts).embeddings
-            rewards = self.scorer.assembler.paired_scores(text, embs)
-            errors = [failed[i].reason if i in failed else None for i in range(len(images))]
+            rewards, errors = self.scorer.assembler.paired_results(text, embs, {i: e.reason for i, e in failed.items()})
         RewardError.raise_for(errors, self.on_error)
         backend = self.scorer.backend
         return rewards, {"errors": errors, "backend": backend.name, "precision": backend.precision,

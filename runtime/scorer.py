@@ -23,11 +23,13 @@ import numpy as np
 
 from .artifacts import Artifacts
 from .backends import Backend, open_backend, select_backend
+from .errors import ImageError, NonFiniteError, PromptError
 from .image_preparer import ImagePreparer
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageInput
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, image_name
 from .pipeline import ScoringPipeline, WorkItem, default_workers
 from .preprocess import PreprocessConfig, Preprocessor
-from .results import RANDOM_WEIGHTS_BANNER, PromptResult, RandomWeightsWarning, ResultAssembler
+from .results import (RANDOM_WEIGHTS_BANNER, TEXT_NONFINITE, VISION_NONFINITE, PromptResult, RandomWeightsWarning,
+                      ResultAssembler, finite_rows)
 from .tensor_images import TensorPreparer, is_tensor_batch
 from .text_cache import TextEmbeddingCache
 from .text_encoder import TextEncoder
@@ -71,6 +73,23 @@ class PickScorer:
             warnings.warn(f"{RANDOM_WEIGHTS_BANNER} ({artifacts.root})", RandomWeightsWarning, stacklevel=2)
         log.info("loaded %s on %s/%s (%s)", artifacts.root, engine.name, engine.precision, why)
         return scorer
+
+    @classmethod
+    def from_pretrained(cls, model: str = "yuvalkirstain/PickScore_v1", *, revision: str | None = None,
+                        random_init: bool = False, seed: int = 0, stress: bool = False, backend: str = "auto",
+                        precision: str | None = None, verify: bool = True,
+                        progress: Callable[[str], None] | None = None, **load_options: Any) -> "PickScorer":
+        """What `pickscore score --model` does: export `model` (a hub id, pinned to the commit `revision`
+        resolves to, or a local folder) on first use into the user cache, with what `backend` runs fast
+        (CPU: fp32 + int8; GPU: fp32 + fp16), gate the fast precision against the PyTorch reference
+        (verify=False skips it: auto then serves fp32), and open it with `load`. Later calls reuse the
+        export; changed weights or a moved revision export again. Needs the [export] extra."""
+        from .export_cache import cached_artifacts, first_use_plan
+
+        precisions, gate_backend = first_use_plan(backend, precision)
+        root = cached_artifacts(model, precisions, random_init=random_init, seed=seed, stress=stress, revision=revision,
+                                gate=verify, gate_backend=gate_backend, progress=progress or log.warning)
+        return cls.load(root, backend, precision, **load_options)
 
     @classmethod
     def from_backend(cls, artifacts: Artifacts, backend: Backend, *, text_cache_file: str | os.PathLike | None = None,
@@ -123,19 +142,40 @@ class PickScorer:
 
     # ---- embeddings ---------------------------------------------------------------------------
     def embed_text(self, prompts: Sequence[str]) -> np.ndarray:
-        """L2-normalised text embeddings [N, D]; raises PromptError for an invalid prompt."""
-        return self.text.encode(prompts).embeddings
+        """L2-normalised text embeddings [N, D]; raises PromptError for an invalid prompt, or one the text
+        tower returned non-finite."""
+        prompts = list(prompts)
+        embs = self.text.encode(prompts).embeddings
+        bad = np.flatnonzero(~finite_rows(embs))
+        if len(bad):
+            raise PromptError(f"prompt #{bad[0]} ({prompts[bad[0]][:60]!r}): {TEXT_NONFINITE}")
+        return embs
 
     def embed_images(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """L2-normalised image embeddings [N, D]; raises ImageError (naming the item) for a bad image."""
+        """L2-normalised image embeddings [N, D]; raises ImageError (naming the item) for a bad image, or
+        one the vision tower returned non-finite."""
+        images = list(images)
         embs, errors = self.pipeline().embed(images)
         if errors:
             raise next(iter(errors.values()))
+        bad = np.flatnonzero(~finite_rows(embs))
+        if len(bad):
+            raise ImageError(image_name(images[bad[0]], bad[0]), VISION_NONFINITE)
         return embs
 
     def embed_tensors(self, images: Any, mode: str = "exact", layout: str = "auto") -> np.ndarray:
-        """L2-normalised embeddings [N, D] of a batch that is already an array or tensor (see score_tensors).
-        On a GPU backend a batch on the GPU stays there: preprocessing and the vision engine read it in place."""
+        """L2-normalised embeddings [N, D] of a batch that is already an array or tensor (see score_tensors);
+        raises ImageError naming an item the vision tower returned non-finite. On a GPU backend a batch on
+        the GPU stays there: preprocessing and the vision engine read it in place."""
+        embs = self._tensor_embeddings(images, mode, layout)
+        bad = np.flatnonzero(~finite_rows(embs))
+        if len(bad):
+            raise ImageError(f"#{bad[0]} (tensor)", VISION_NONFINITE)
+        return embs
+
+    def _tensor_embeddings(self, images: Any, mode: str = "exact", layout: str = "auto") -> np.ndarray:
+        """embed_tensors without its check: rows the vision tower returned non-finite stay in, for callers
+        that make them per-item errors (score_tensors, score)."""
         pixels = self.tensors(images, mode, layout)
         if not isinstance(pixels, np.ndarray) and not (self.backend.device == "cuda" and pixels.is_cuda):
             pixels = pixels.cpu().numpy()  # a CPU backend, or a CPU tensor
@@ -144,7 +184,9 @@ class PickScorer:
     def embed_pixels(self, pixels: Any) -> np.ndarray:
         """Embeddings [N, D] of preprocessed pixels [N, 3, S, S] (numpy, or a device array the backend
         binds), in the backend's batches; the next batch is submitted before the last is collected
-        where the backend overlaps copies with compute (queue_depth 2 on GPUs)."""
+        where the backend overlaps copies with compute (queue_depth 2 on GPUs). A stage, like the backend
+        it drives: rows the vision tower returned non-finite are returned as they are, for the caller to
+        make errors of (results.nonfinite_reasons)."""
         backend, step = self.backend, max(1, self.backend.batch_size)
         done, pending = [], deque()
         for start in range(0, len(pixels), step):
@@ -160,21 +202,26 @@ class PickScorer:
         """The RL reward: per-image scores, float32 [N], for a batch that is already an array or tensor
         (numpy, torch on the CPU or a GPU, anything with DLPack; uint8 or float in [0, 1]; NCHW or NHWC;
         any size). `prompts`: one per image, or one for all. mode "exact" follows PIL's arithmetic (equal
-        to scoring the same pixels from a PNG file); "fast" resizes with the device's bicubic + antialias."""
+        to scoring the same pixels from a PNG file); "fast" resizes with the device's bicubic + antialias.
+        Where a tower returns NaN or Inf for some items, raises NonFiniteError naming them; its `scores`
+        holds the others' scores (NaN at its `failed` indices)."""
         n = int(images.shape[0]) if hasattr(images, "shape") else len(images)
         prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
         if len(prompts) != n:
             raise ValueError(f"one prompt per image (or one for all): {n} images but {len(prompts)} prompts")
         text = self.text.encode(prompts).embeddings  # first: a bad prompt fails before any image work
-        embs = self.embed_tensors(images, mode, layout)
-        return self.assembler.paired_scores(text, embs)
+        scores, reasons = self.assembler.paired_results(text, self._tensor_embeddings(images, mode, layout))
+        failed = {i: why for i, why in enumerate(reasons) if why is not None}
+        if failed:
+            raise NonFiniteError(failed, scores)
+        return scores
 
     def score(self, prompt: str, images: Sequence[ImageInput] | Any, tensor_mode: str = "exact") -> PromptResult:
         """Score one prompt against its images. A bad prompt raises; a bad image is kept as an error row.
         `images` may also be one batch array or tensor (see score_tensors; tensor_mode is its mode)."""
         check_prompt(prompt)
         if is_tensor_batch(images):
-            embs = self.embed_tensors(images, tensor_mode)
+            embs = self._tensor_embeddings(images, tensor_mode)
             encoded = self.text.encode([prompt])
             return self.assembler.assemble(prompt, [f"#{i} (tensor)" for i in range(len(embs))], embs, {},
                                            encoded.embeddings[0], encoded.truncated[0])

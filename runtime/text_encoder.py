@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .backends.base import Backend
+from .results import finite_rows
 from .text_cache import TextEmbeddingCache
 from .tokenizer import ClipTokenizer, check_prompt
 
@@ -27,7 +28,10 @@ class TextEncoder:
         self.tokenizer, self.backend, self.cache, self.embed_dim = tokenizer, backend, cache, embed_dim
 
     def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
-        """Embeddings of valid prompts; raises PromptError (naming the prompt's position) for an invalid one."""
+        """Embeddings of valid prompts; raises PromptError (naming the prompt's position) for an invalid one.
+        A row the text tower returned non-finite is returned as it is (the ResultAssembler makes it the
+        item's error) but never cached, so a fault of the moment (a GPU, an engine) is not served again from
+        the cache, across runs, after it is gone."""
         prompts = [check_prompt(p, i) for i, p in enumerate(prompts)]
         embs, truncated = np.empty((len(prompts), self.embed_dim), np.float32), []
         for start in range(0, len(prompts), TOKENIZE_CHUNK):
@@ -40,9 +44,8 @@ class TextEncoder:
                 rows = misses[at : at + self.backend.batch_size]
                 width = int(batch.lengths[rows].max())  # later columns are padding for every one of these rows
                 computed = self.backend.embed_text(np.ascontiguousarray(batch.input_ids[rows, :width]))
-                fresh = {keys[i]: emb for i, emb in zip(rows, computed)}
-                self.cache.put_many(fresh)
-                found.update(fresh)
+                self.cache.put_many({keys[i]: emb for i, emb, ok in zip(rows, computed, finite_rows(computed)) if ok})
+                found.update({keys[i]: emb for i, emb in zip(rows, computed)})
             embs[start : start + len(keys)] = [found[k] for k in keys]
             truncated += batch.truncated
         return EncodedPrompts(embs, truncated)

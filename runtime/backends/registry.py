@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..artifacts import Artifacts
 from ..errors import BackendUnavailableError, PickScoreError
-from ..gate_records import failed_gates
+from ..gate_records import gate_status
 from .base import Backend
 
 log = logging.getLogger("pickscore")
@@ -100,12 +100,16 @@ def backend_info(name: str) -> BackendInfo:
 
 
 class GateWarning(UserWarning):
-    """auto passed over a precision that failed its numerics gate on these artifacts."""
+    """auto passed over a precision that failed its numerics gate on these artifacts, or was never gated."""
+
+
+EXACT = "fp32"  # the exported reference graph: served without a gate record
 
 
 def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | None, auto: bool = False) -> str:
     """The precision `info` will run: the one asked for (if it can), else its first preference that the
-    artifacts carry (backends built from weights run any of theirs)."""
+    artifacts carry (backends built from weights run any of theirs). With `auto`, a precision other than
+    fp32 only where gate.json says it passed gate v3 on these towers."""
     have = artifacts.precisions if info.builds_from == "artifacts" else list(info.precisions)
     if precision is not None:
         if precision not in info.precisions:
@@ -115,16 +119,24 @@ def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | 
                 f"{artifacts.root} has no {precision} towers (has: {', '.join(have)}); "
                 f"export them with `pickscore export --precision {precision}`")
         return precision
-    failed = failed_gates(artifacts.root, artifacts.fingerprint, info.name) if auto else {}
     for p in (info.auto_precisions if auto else info.precisions):
-        if p in have and p in failed:
-            warnings.warn(f"auto: not {p} on {info.name}: it failed `pickscore verify` on these artifacts "
-                          f"({'; '.join(failed[p]) or 'see gate.json'}); ask for it with --precision {p}",
-                          GateWarning, stacklevel=3)
-        elif p in have:
+        if p not in have:
+            continue
+        if not auto or p == EXACT:
             return p
-    raise BackendUnavailableError(f"backend {info.name} runs {', '.join(info.precisions)}, but {artifacts.root} "
-                                  f"has only {', '.join(have)}")
+        status = gate_status(artifacts.root, artifacts.fingerprint, info.name, p)
+        if status.state == "passed":
+            return p
+        if status.state == "failed":
+            warnings.warn(f"auto: not {p} on {info.name}: it failed `pickscore verify` on these artifacts "
+                          f"({'; '.join(status.failures) or 'see gate.json'}); ask for it with --precision {p}",
+                          GateWarning, stacklevel=3)
+        else:
+            warnings.warn(f"auto: not {p} on {info.name}: it has not passed the numerics gate on these towers; to serve "
+                          f"it, run `pickscore verify --artifacts {artifacts.root} --precision {p}` once "
+                          f"(or ask for it with --precision {p})", GateWarning, stacklevel=3)
+    raise BackendUnavailableError(f"backend {info.name} runs {', '.join(info.auto_precisions if auto else info.precisions)}"
+                                  f"{' (gated)' if auto else ''}, but {artifacts.root} has only {', '.join(have)}")
 
 
 def select_backend(artifacts: Artifacts, name: str = "auto", precision: str | None = None) -> tuple[BackendInfo, str, str]:

@@ -72,6 +72,14 @@ def add_source_args(p: argparse.ArgumentParser, default_model: str | None) -> No
     p.add_argument("--stress", action="store_true",
                    help="with --random-init: plant trained-ViT-like activation outliers (what makes fp16/int8 fragile)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --random-init (default 0)")
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="with a hub id: the branch, tag or commit to use (default main; recorded as the commit it resolves to)")
+
+
+def add_gate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the numerics gate that ends an export of fp16/int8 (auto then serves fp32 until "
+                        "`pickscore verify` passes)")
 
 
 def add_backend_args(p: argparse.ArgumentParser, default_backend: str = "auto") -> None:
@@ -102,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=["fp32"], type=csv_list(PRECISION_ORDER),
                    help="comma-separated: fp32, fp16, int8 (default fp32)")
     p.add_argument("--force", action="store_true", help="replace an existing artifacts directory (nothing else)")
+    add_gate_arg(p)
     p.add_argument("--int8-plan", default="default", metavar="NAME",
                    help="how the int8 vision tower is quantised: default (passes gate v2 on plain and stress weights) "
                         "or fast (~25 %% faster on an AVX2 CPU; failed stress weights narrowly): run verify either way")
@@ -109,10 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score images against prompts")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--artifacts", type=Path, metavar="DIR", help="an exported artifacts directory")
-    where.add_argument("--model", metavar="MODEL", help="export this model on first use into the user cache (needs [export])")
+    where.add_argument("--model", metavar="MODEL",
+                       help="hub id or local folder: exported on first use into the user cache with what the backend "
+                            "runs fast (CPU: fp32 + int8; GPU: fp32 + fp16), gated, then reused (needs [export])")
     p.add_argument("--random-init", action="store_true", help="with --model DIR: RANDOM weights (testing only)")
     p.add_argument("--stress", action="store_true", help="with --random-init: plant trained-ViT-like activation outliers")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --random-init (default 0)")
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="with --model HUB_ID: the branch, tag or commit (default main; the cache is keyed on the commit)")
+    add_gate_arg(p)
     work = p.add_mutually_exclusive_group(required=True)
     work.add_argument("--prompt", metavar="TEXT", help="score IMAGE... (files, directories, globs) against this prompt")
     work.add_argument("--input", type=path_or_uri, metavar="FILE", help="CSV / JSONL / Parquet with prompt and image (or images) columns, "
@@ -159,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one or several (fp32,int8): the reference runs once for all (default: the backend's first)")
     p.add_argument("--reference-device", choices=["cpu", "cuda"], default="cpu",
                    help="where the fp32 reference runs (cuda: on the GPU with TF32 off; default cpu)")
+    p.add_argument("--reference-cache", type=Path, default=None, metavar="DIR",
+                   help="keep the reference's embeddings here and reuse them when the same model and images come again")
     p.add_argument("--output", type=Path, metavar="FILE", help="also write the report (a list for several precisions) here as JSON")
 
     p = sub.add_parser("bench", help="benchmark backends side by side on the same inputs")

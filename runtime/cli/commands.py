@@ -8,7 +8,7 @@ from typing import Any
 
 from ..artifacts import Artifacts
 from ..errors import InputError
-from ..gate_records import record_gate_results
+from ..gate_records import read_gate_records, record_gate_results
 from ..optional import export_tools
 from .console import EXIT_OK, EXIT_UNSCORED, say
 from .engine import cmd_engine
@@ -20,14 +20,21 @@ def model_source(tools: Any, args: Any):
         raise InputError("--random-init needs --model DIR (a folder with config.json and the tokenizer files)")
     if args.stress and not args.random_init:
         raise InputError("--stress plants outliers into random weights: it needs --random-init")
-    return tools.ModelSource(args.model, random_init=args.random_init, seed=args.seed, stress=args.stress) if args.model else None
+    if args.model is None:
+        return None
+    return tools.ModelSource(args.model, random_init=args.random_init, seed=args.seed, stress=args.stress,
+                             revision=args.revision).resolved()
 
 
 def cmd_export(args: Any) -> int:
     tools = export_tools()
     tools.export_artifacts(model_source(tools, args), args.out, args.precision, force=args.force, progress=say,
-                           int8_plan_name=args.int8_plan)
+                           int8_plan_name=args.int8_plan, gate=not args.no_verify)
     say(f"exported {', '.join(args.precision)} to {args.out}")
+    failed = [key for key, rec in read_gate_records(args.out).items() if rec.get("passed") is False]
+    if failed:
+        say(f"the numerics gate failed for {', '.join(failed)} (see {args.out}/gate.json): `auto` serves fp32 instead")
+        return EXIT_UNSCORED
     return EXIT_OK
 
 
@@ -35,7 +42,7 @@ def cmd_verify(args: Any) -> int:
     tools = export_tools()
     reports = tools.verify_precisions(args.artifacts, args.precision or [None], model_source(tools, args),
                                       backend=args.backend, images=args.images, progress=say,
-                                      reference_device=args.reference_device)
+                                      reference_device=args.reference_device, reference_cache=args.reference_cache)
     text = json.dumps(reports[0] if len(reports) == 1 else reports, indent=2)
     print(text)
     if args.output:

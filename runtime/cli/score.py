@@ -66,6 +66,8 @@ def check_args(args: Any) -> None:
         raise InputError("--random-init goes with --model; artifacts record their own source")
     if args.stress and not args.random_init:
         raise InputError("--stress plants outliers into random weights: it needs --random-init")
+    if args.artifacts is not None and (args.revision is not None or args.no_verify):
+        raise InputError("--revision and --no-verify go with --model; artifacts record their own source and gate")
     if args.reducing_gap is not None and args.reducing_gap < 1.0:
         raise InputError(f"--reducing-gap must be 1.0 or more, got {args.reducing_gap}")
     if args.precision and args.backend != "auto" and args.precision not in BACKENDS[args.backend].precisions:
@@ -87,7 +89,6 @@ def work_rows(args: Any) -> tuple[Iterator[InputRow], int | None]:
 
 
 def cmd_score(args: Any) -> int:
-    from ..export_cache import cached_artifacts
     from ..scorer import PickScorer
 
     check_args(args)
@@ -102,15 +103,18 @@ def cmd_score(args: Any) -> int:
             tally.earlier_rows, tally.earlier_errors = output.earlier_rows, output.earlier_errors
             say(f"resuming: {args.output} already holds {len(output.committed)} input row(s); scoring the rest")
             total = max(total - len(output.committed), 0) if total is not None else None
-        artifacts = args.artifacts or cached_artifacts(args.model, args.random_init, args.seed, args.precision or "fp32",
-                                                       stress=args.stress, progress=say)
         options = {"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}
         if args.no_build:
             options["build"] = False  # the tensorrt backend's option; the others take none
-        scorer = PickScorer.load(artifacts, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
-                                 workers=args.workers, threads=args.threads, hash_check=args.hash_check,
-                                 text_cache_file=args.text_cache, jpeg_draft=args.jpeg_draft,
-                                 reducing_gap=args.reducing_gap, **options)
+        options.update(backend=args.backend, precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+                       threads=args.threads, hash_check=args.hash_check, text_cache_file=args.text_cache,
+                       jpeg_draft=args.jpeg_draft, reducing_gap=args.reducing_gap)
+        if args.artifacts is not None:
+            scorer = PickScorer.load(args.artifacts, **options)
+        else:
+            scorer = PickScorer.from_pretrained(args.model, revision=args.revision, random_init=args.random_init,
+                                                seed=args.seed, stress=args.stress, verify=not args.no_verify,
+                                                progress=say, **options)
         if scorer.random_weights:
             say(f"WARNING: {RANDOM_WEIGHTS_BANNER}")
         if args.backend == "auto" or args.precision is None:
@@ -127,7 +131,7 @@ def cmd_score(args: Any) -> int:
                         output.write(result)
                     elif args.input is not None:
                         for row in result_rows(result):
-                            print(json.dumps(row, ensure_ascii=False))
+                            print(json.dumps(row, ensure_ascii=False, allow_nan=False))
                     else:
                         shown.append(result)
             finally:
@@ -179,7 +183,7 @@ def print_prompt_results(results: list[PromptResult], as_json: bool) -> None:
         doc = main.to_json() if main.error is None or main.results else skipped[0].to_json()
         if skipped:
             doc["skipped"] = [{"image": r.results[0].image if r.results else None, "error": r.error} for r in skipped]
-        print(json.dumps(doc, ensure_ascii=False, indent=2))
+        print(json.dumps(doc, ensure_ascii=False, indent=2, allow_nan=False))
         return
     print(format_table(main))
     for r in skipped:

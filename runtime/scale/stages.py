@@ -2,7 +2,8 @@
 
 - `prepare_images` (CPU tasks): each image through the ImagePreparer -> pixels, or its per-item error.
 - `ImageScorer` (an actor per GPU, or per N cores): the TextEncoder (prompts deduplicated per block; its
-  LRU lives as long as the actor) and the backend's vision tower -> one score per image.
+  LRU lives as long as the actor) and the backend's vision tower -> one score per image, or its image
+  error where a tower returned NaN or Inf (never a NaN score).
 - `mark_rows` + `rank_comparison` (CPU): global row numbers, ids repeated across the input, and the
   comparisons: consecutive valid rows with the same (group, prompt), whatever blocks they were scored
   in -> probabilities and ranks by the ResultAssembler, rows by `result_rows`, exactly as the CLI makes them.
@@ -20,7 +21,7 @@ from ..errors import ImageError
 from ..image_preparer import ImagePreparer
 from ..optional import require
 from ..preprocess import PreprocessConfig, Preprocessor
-from ..results import RandomWeightsWarning, ResultAssembler, scores_and_probs
+from ..results import RandomWeightsWarning, ResultAssembler, nonfinite_reasons, prompt_scores
 from ..scorer import PickScorer
 from ..work_io import OUTPUT_COLUMNS, InputRow, result_rows
 from ..work_io.inputs import validate_record
@@ -117,11 +118,16 @@ class ImageScorer:
         for k, i in enumerate(ok):
             by_prompt.setdefault(prompts[i], []).append(k)
         for prompt, rows in by_prompt.items():
-            values, _ = scores_and_probs(self.scale, text_of[prompt][0], embeddings[rows])
-            for k, value in zip(rows, values):
-                scores[ok[k]] = float(value)
+            text_emb = text_of[prompt][0]
+            values = prompt_scores(self.scale, text_emb, embeddings[rows])
+            for k, value, why in zip(rows, values, nonfinite_reasons(text_emb, embeddings[rows], values)):
+                if why is None:
+                    scores[ok[k]] = float(value)
+                else:
+                    image_errors[ok[k]] = why
         backend = self.scorer.backend
         out = batch.drop_columns([PIXELS])
+        out = out.set_column(out.schema.get_field_index(IMAGE_ERROR), IMAGE_ERROR, pa.array(image_errors, pa.string()))
         for name, values, kind in ((SCORE, scores, pa.float64()),
                                    (TRUNCATED, [bool(text_of[prompts[i]][1]) if errors[i] is None else False
                                                 for i in range(n)], pa.bool_()),

@@ -21,6 +21,13 @@ class BadRequest(RequestRefused):
     status, kind = 400, "invalid_request_error"
 
 
+class NonFiniteOutput(RequestRefused):
+    """A tower returned NaN or Inf for an input of a protocol without per-item errors. Not a 5xx: the
+    same input fails the same way again, and clients (the openai one) retry 5xx answers."""
+
+    status, kind = 422, "non_finite_output"
+
+
 class Unauthorized(RequestRefused):
     status, kind = 401, "authentication_error"
 

@@ -10,7 +10,10 @@ and renders the finished job with the runtime's ResultAssembler (scores, probs, 
   `{"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "model", "usage"}`.
 - /v1/rerank: vLLM / Jina / Cohere `{"query", "documents": [image data URLs], "top_n", "return_documents"}`
   -> `{"id", "model", "usage", "results": [{"index", "relevance_score", "prob"}]}`, best first.
-  These two protocols have no per-item errors: a bad image is a 400 naming it.
+  These two protocols have no per-item errors: a bad image is a 400 naming it, and an input a tower
+  returned NaN or Inf for is a 422 naming it.
+
+JSON answers never hold NaN or Infinity (json.dumps with allow_nan=False: a slip is a loud 500).
 
 Images travel only as bytes, base64 or data URLs: the server never opens a path or fetches a URL.
 """
@@ -27,10 +30,10 @@ from typing import Any, Callable, Sequence
 
 from ..errors import PromptError
 from ..images import image_name
-from ..results import PromptResult, ResultAssembler
+from ..results import TEXT_NONFINITE, VISION_NONFINITE, PromptResult, ResultAssembler, finite_rows
 from ..tokenizer import ClipTokenizer, check_prompt
 from .batcher import EmbedJob
-from .http_errors import BadRequest
+from .http_errors import BadRequest, NonFiniteOutput
 from .safe_pickle import dumps, safe_loads
 
 JSON = "application/json"
@@ -172,7 +175,7 @@ def parse_score(body: bytes) -> Parsed:
 
 def render_score(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
     results = [comparison(parsed, job, ctx, g).to_json() for g in range(len(parsed.groups))]
-    return json.dumps(results if parsed.extra.get("items") else results[0], ensure_ascii=False).encode()
+    return json.dumps(results if parsed.extra.get("items") else results[0], ensure_ascii=False, allow_nan=False).encode()
 
 
 # ---- /v1/rewards (pickle) ---------------------------------------------------------------------------
@@ -202,10 +205,11 @@ def parse_rewards(body: bytes) -> Parsed:
 def render_rewards(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
     scores, errors = [math.nan] * len(parsed.images), [None] * len(parsed.images)
     for g, (_, rows) in enumerate(parsed.groups):
-        for k, row in zip(rows, comparison(parsed, job, ctx, g).results):
+        result = comparison(parsed, job, ctx, g)
+        for k, row in zip(rows, result.results):
             if row.score is not None:
                 scores[k] = row.score
-            errors[k] = row.error
+            errors[k] = result.error or row.error  # a prompt the text tower failed on: say so, per image
     return dumps({"scores": scores, "errors": errors, "random_weights": ctx.assembler.random_weights,
                   "backend": ctx.assembler.backend, "precision": ctx.assembler.precision, "model": ctx.model})
 
@@ -246,12 +250,14 @@ def render_embeddings(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
         if kind == "image" and k in job.errors:
             raise BadRequest(f"input[{index}]: {job.errors[k].reason}")
         vector = (job.text.embeddings if kind == "text" else job.image_embs)[k].astype("<f4")
+        if not finite_rows(vector[None])[0]:
+            raise NonFiniteOutput(f"input[{index}]: {TEXT_NONFINITE if kind == 'text' else VISION_NONFINITE}")
         encoded = base64.b64encode(vector.tobytes()).decode() if parsed.extra["format"] == "base64" else vector.tolist()
         data.append({"object": "embedding", "index": index, "embedding": encoded})
     tokens = int(ctx.tokenizer(parsed.prompts).lengths.sum()) if parsed.prompts else 0
     return json.dumps({"object": "list", "data": data, "model": ctx.model,
                        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-                       "random_weights": ctx.assembler.random_weights}).encode()
+                       "random_weights": ctx.assembler.random_weights}, allow_nan=False).encode()
 
 
 # ---- /v1/rerank (vLLM / Jina / Cohere) ----------------------------------------------------------------
@@ -300,6 +306,11 @@ def render_rerank(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
         k, error = min(job.errors.items())
         raise BadRequest(f"documents[{k}]: {error.reason}")
     result = comparison(parsed, job, ctx, 0)
+    if result.error is not None:
+        raise NonFiniteOutput(f"query: {result.error}")
+    for j, row in enumerate(result.results):
+        if row.error is not None:
+            raise NonFiniteOutput(f"documents[{j}]: {row.error}")
     order = sorted(range(len(result.results)), key=lambda j: result.results[j].rank)
     top = order[: parsed.extra["top_n"] or None]
     rows = []
@@ -311,7 +322,7 @@ def render_rerank(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
     tokens = int(ctx.tokenizer([parsed.prompts[0]]).lengths.sum())
     return json.dumps({"id": f"rerank-{uuid.uuid4().hex}", "model": ctx.model,
                        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": rows,
-                       "random_weights": ctx.assembler.random_weights}).encode()
+                       "random_weights": ctx.assembler.random_weights}, allow_nan=False).encode()
 
 
 PROTOCOLS = {p.name: p for p in (

@@ -88,7 +88,7 @@ class _JsonlFile:
         self._file = open(path, "w", encoding="utf-8")
 
     def write(self, rows: list[dict]) -> None:
-        self._file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        self._file.writelines(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
 
     def append(self, source: Path) -> None:
         with open(source, encoding="utf-8") as f:
