@@ -174,8 +174,7 @@ def _report(run: dict, ref_text: np.ndarray, ref_img: np.ndarray, ref_scale: np.
     report["stability"] = gate.stability(ref_matrix, got_matrix, tol)
     # The raw scores, so a report can be judged again (another resolution, another set size) without a rerun.
     report["scores"] = {"images": list(image_names), "prompts": list(prompts),
-                        "reference": ref_matrix.round(6).tolist(),
-                        "runtime": got_matrix.round(6).tolist()}
+                        "reference": ref_matrix.tolist(), "runtime": got_matrix.tolist()}
     return json_safe(report)
 
 

@@ -25,7 +25,7 @@ from .optional import export_tools
 
 KEY_PACKAGES = ("pickscore-runtime", "torch", "transformers", "onnx", "onnxscript")
 DEVICE_PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16")}  # the fast path, and fp32 beside it
-HASH_MEMO = "file-hashes.json"
+HASH_MEMO = ".file-hashes.json"  # a dotfile: the cache dir lists exports
 
 
 def cache_root() -> Path:
@@ -39,8 +39,9 @@ def first_use_plan(backend: str, precision: str | None) -> tuple[list[str], str]
     can run here). An explicit precision that is exported is added; bf16 runs from the weights."""
     name = backend if backend != "auto" else next(n for n in AUTO_ORDER if BACKENDS[n].unavailable() is None)
     device = BACKENDS[name].device
-    precisions = list(DEVICE_PRECISIONS[device])
-    if precision is not None and precision not in precisions and precision != "bf16":
+    # the torch backends run from the weights: the artifacts give them the tokenizer and settings only
+    precisions = list(DEVICE_PRECISIONS[device]) if BACKENDS[name].builds_from == "artifacts" else ["fp32"]
+    if precision is not None and precision not in precisions and BACKENDS[name].builds_from == "artifacts":
         precisions.append(precision)
     gate_backend = "onnx-cuda" if device == "cuda" and BACKENDS["onnx-cuda"].unavailable() is None else "onnx-cpu"
     return precisions, gate_backend

@@ -159,3 +159,12 @@ def test_a_moved_hub_branch_is_a_new_export_and_the_manifest_pins_the_commit(sha
     assert api.returncode == 0, api.stderr
     commit, score = api.stdout.split()
     assert commit == commit_b and float(score) == pytest.approx(score_b, abs=1e-6)
+
+
+def test_first_use_exports_what_the_backend_runs():
+    from pickscore_runtime.export_cache import first_use_plan
+
+    assert first_use_plan("auto", None) == (["fp32", "int8"], "onnx-cpu")  # this machine has no GPU
+    assert first_use_plan("onnx-cpu", "fp16") == (["fp32", "int8", "fp16"], "onnx-cpu")
+    assert first_use_plan("torch", "bf16") == (["fp32"], "onnx-cpu")  # built from the weights
+    assert first_use_plan("onnx-cuda", None)[0] == ["fp32", "fp16"]  # the GPU plan, wherever it is asked for

@@ -83,15 +83,16 @@ def test_stability_tells_a_verdict_at_its_limit_from_one_with_margin():
     tol = {**TOL, "max_abs_score_diff": 10.0, "max_abs_prob_diff": 1.0, "max_best_of_n_regret": 10.0,
            "max_decisive_pair_flips": None, "min_decisive_top1_agreement": None}
     safe = stability(ref, ref + rng.normal(0, 0.002, ref.shape), tol, resamples=50)
-    assert safe["bootstrap"]["verdict_pass_rate"] == 1.0 and safe["perturbed"]["verdict_pass_rate"] == 1.0
+    assert {safe[k]["verdict_pass_rate"] for k in ("bootstrap", "redrawn", "doubled")} == {1.0}
     noisy = ref + rng.normal(0, 0.03, ref.shape)
     at_limit = compare_scores([(r, r) for r in ref], [(g, g) for g in noisy], 10.0, 0.05)["resolved_pair_agreement"]
     shaky = stability(ref, noisy, {**tol, "min_resolved_pair_agreement": at_limit}, resamples=50)
     boot = shaky["bootstrap"]["checks"]["resolved_pair_agreement"]
     assert 0.1 < shaky["bootstrap"]["verdict_pass_rate"] < 0.9 and boot["p05"] < at_limit < boot["p95"]
-    # the same error once more, elsewhere: agreement drops, so a verdict at its limit fails
-    assert shaky["perturbed"]["verdict_pass_rate"] == 0.0
-    assert shaky["perturbed"]["checks"]["resolved_pair_agreement"]["p95"] < at_limit
+    # the same error once more, on top: agreement drops, so a verdict at its limit fails; redrawn it wavers
+    assert shaky["doubled"]["verdict_pass_rate"] == 0.0
+    assert shaky["doubled"]["checks"]["resolved_pair_agreement"]["p95"] < at_limit
+    assert 0.1 < shaky["redrawn"]["verdict_pass_rate"] < 0.9
 
 
 def test_best_of_n_counts_only_decisive_prompts_and_reports_regret():
