@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -105,8 +106,9 @@ def verify_precisions(artifacts_dir: str | Path, precisions: Sequence[str | None
 
 def reference_embeddings(source: ModelSource, paths: Sequence[Path], prompts: Sequence[str], device: str,
                          cache: str | Path | None, progress: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, np.float32]:
-    """The reference's (text, image) embeddings and exp(logit_scale), from `cache` when it holds them for
-    exactly these inputs."""
+    """The reference's (text, image) embeddings and exp(logit_scale), from `cache` (else
+    $PICKSCORE_REFERENCE_CACHE) when it holds them for exactly these inputs."""
+    cache = cache if cache is not None else os.environ.get("PICKSCORE_REFERENCE_CACHE") or None
     key = None
     if cache is not None:
         identity = {k: v for k, v in source.describe().items() if k != "model"}  # "model" is as typed; path is resolved

@@ -366,3 +366,21 @@ def test_a_tower_that_emits_nan_for_one_image_fails_verify_naming_it(tiny_artifa
     assert f"nonfinite outputs {report['nonfinite_outputs']} > 0 (vision tower: image {brightest.name})" in out.stderr
     assert report["max_abs_image_embed_diff"] is None and report["max_abs_score_diff"] is None  # NaN, written as null
     assert json.loads((poisoned / "gate.json").read_text())["onnx-cpu/fp32"]["passed"] is False
+
+
+def test_export_ends_with_the_gate_and_says_when_it_failed(tiny_model_dir, tmp_path):
+    from helpers import run_cli
+
+    out = run_cli("export", "--model", str(tiny_model_dir), "--random-init", "--stress", "--precision", "fp32,int8",
+                  "--out", str(tmp_path / "art"))
+    assert out.returncode == 1, out.stderr  # exported, but int8 failed its gate on these weights
+    assert "gate v3, onnx-cpu/int8: FAILED (auto will not serve it)" in out.stderr
+    assert "the numerics gate failed for onnx-cpu/int8" in out.stderr and "`auto` serves fp32 instead" in out.stderr
+    record = json.loads((tmp_path / "art" / "gate.json").read_text())["onnx-cpu/int8"]
+    assert record["passed"] is False and record["gate_version"] == 3 and record["failures"]
+    skipped = run_cli("export", "--model", str(tiny_model_dir), "--random-init", "--stress", "--precision", "fp32,int8",
+                      "--no-verify", "--out", str(tmp_path / "unchecked"))
+    assert skipped.returncode == 0 and "int8 NOT gated (--no-verify)" in skipped.stderr
+    assert not (tmp_path / "unchecked" / "gate.json").exists()
+    refused = run_cli("score", "--artifacts", str(tmp_path / "art"), "--no-verify", "--prompt", "x", "y.png")
+    assert refused.returncode == 2 and "--revision and --no-verify go with --model" in refused.stderr

@@ -30,6 +30,7 @@ from .protocols import Context
 log = logging.getLogger("pickscore")
 
 WARM_UP_PROMPT = "a warm-up prompt"
+WARM_UP_TIMEOUT_S = 600.0
 
 
 def warm_up_image() -> bytes:
@@ -73,7 +74,8 @@ class PickScoreService:
             sizes = {1, scorer.backend.batch_size} if scorer.backend.device == "cuda" else {1}  # engines: both ends
             for n in sorted(sizes):
                 job = self.batcher.submit([WARM_UP_PROMPT], [warm_up_image()] * n)
-                job.future.result(timeout=self.config.request_timeout_s)
+                # not a request: a short --request-timeout-s must not fail a start on a loaded machine
+                job.future.result(timeout=max(self.config.request_timeout_s, WARM_UP_TIMEOUT_S))
                 if job.errors:
                     raise RuntimeError(f"warm-up failed: {next(iter(job.errors.values()))}")
         except BaseException as e:
