@@ -149,9 +149,16 @@ def gate_export(root: Path, source: ModelSource, precisions: Sequence[str], back
 
     from .verify import verify_precisions
 
-    progress(f"gating {', '.join(precisions)} against the PyTorch reference on {backend} (gate v3; --no-verify skips it)")
+    from pickscore_runtime.backends import BACKENDS
+
     t0 = time.perf_counter()
-    reports = verify_precisions(root, list(precisions), source, backend=backend, progress=progress)
+    by_backend: dict[str, list[str]] = {}
+    for p in precisions:  # int8 is a CPU precision: gated on onnx-cpu even when the GPU gates fp16
+        by_backend.setdefault(backend if p in BACKENDS[backend].precisions else "onnx-cpu", []).append(p)
+    reports = []
+    for name, group in by_backend.items():
+        progress(f"gating {', '.join(group)} against the PyTorch reference on {name} (gate v3; --no-verify skips it)")
+        reports += verify_precisions(root, group, source, backend=name, progress=progress)
     record_gate_results(root, Artifacts.load(root, hash_check="size").fingerprint, reports)
     for r in reports:
         verdict = "passed" if r["passed"] else "FAILED (auto will not serve it): " + "; ".join(r["failures"])

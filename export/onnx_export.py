@@ -199,11 +199,12 @@ INT8_SMOOTH_MIN_OUTLIER_RATIO = 5.0  # inputs with fewer outliers are not smooth
 # per-tensor int8 weights, except the MLP's first matmul (fc1) and the final projection, kept fp32, and the
 # MLP's second matmul (fc2), uint8 weights with one scale per output column (u8 x u8 kernels: no saturation
 # on CPUs without VNNI). Emulated attribution put 74 % of the stress weights' int8 error in fc1's weights
-# (outlier units as rows) and 8.5 % in the projection (0.4 % of the work, written per image). This plan
-# passes gate v2 on plain and stress weights at full size; the plan before it (every weight per-tensor int8)
-# failed stress, and fc1 as per-channel uint8 instead of fp32 (4-7 % slower than that, 24-28 % faster than
-# this) failed stress on pairwise order by 0.0011. Cost: ~25 % slower than the plan before it on an AVX2 CPU.
-# `pickscore export --int8-plan fast` ships that faster plan, for weights where it passes (verify says).
+# (outlier units as rows) and 8.5 % in the projection (0.4 % of the work, written per image). Under gate v3
+# (docs/numerics.md) this plan is the only one measured that passes at full size on plain and stress weights;
+# the plan before it (every weight per-tensor int8) fails both, and fc1 as per-channel uint8 instead of fp32
+# (24-28 % faster than this) fails stress on resolved-pair order (0.9948 < 0.995). Cost: ~25 % slower than the
+# plan before it on an AVX2 CPU. `pickscore export --int8-plan fast` ships the faster plan, for weights where
+# it passes (the gate at export says).
 _SMOOTHED = {"smooth_alpha": INT8_SMOOTH_ALPHA, "smooth_min_outlier_ratio": INT8_SMOOTH_MIN_OUTLIER_RATIO,
              "per_channel": False, "reduce_range": False, "weight_type": "int8"}
 INT8_PLANS = {

@@ -96,6 +96,12 @@ def finite_rows(x: np.ndarray) -> np.ndarray:
     return np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
 
 
+def first_nonfinite_row(x: np.ndarray) -> int | None:
+    """The index of the first row of `x` that is not all finite, or None."""
+    bad = np.flatnonzero(~finite_rows(x))
+    return int(bad[0]) if len(bad) else None
+
+
 def nonfinite_reasons(text_embs: np.ndarray, image_embs: np.ndarray, scores: np.ndarray) -> list[str | None]:
     """Why score i (image_embs[i] against text_embs[i], or against text_embs when it is one embedding [D])
     is not a result, naming the tower that failed; None where it stands."""

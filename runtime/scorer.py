@@ -29,7 +29,7 @@ from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, image_name
 from .pipeline import ScoringPipeline, WorkItem, default_workers
 from .preprocess import PreprocessConfig, Preprocessor
 from .results import (RANDOM_WEIGHTS_BANNER, TEXT_NONFINITE, VISION_NONFINITE, PromptResult, RandomWeightsWarning,
-                      ResultAssembler, finite_rows)
+                      ResultAssembler, first_nonfinite_row)
 from .tensor_images import TensorPreparer, is_tensor_batch
 from .text_cache import TextEmbeddingCache
 from .text_encoder import TextEncoder
@@ -146,9 +146,9 @@ class PickScorer:
         tower returned non-finite."""
         prompts = list(prompts)
         embs = self.text.encode(prompts).embeddings
-        bad = np.flatnonzero(~finite_rows(embs))
-        if len(bad):
-            raise PromptError(f"prompt #{bad[0]} ({prompts[bad[0]][:60]!r}): {TEXT_NONFINITE}")
+        bad = first_nonfinite_row(embs)
+        if bad is not None:
+            raise PromptError(f"prompt #{bad} ({prompts[bad][:60]!r}): {TEXT_NONFINITE}")
         return embs
 
     def embed_images(self, images: Sequence[ImageInput]) -> np.ndarray:
@@ -158,9 +158,9 @@ class PickScorer:
         embs, errors = self.pipeline().embed(images)
         if errors:
             raise next(iter(errors.values()))
-        bad = np.flatnonzero(~finite_rows(embs))
-        if len(bad):
-            raise ImageError(image_name(images[bad[0]], bad[0]), VISION_NONFINITE)
+        bad = first_nonfinite_row(embs)
+        if bad is not None:
+            raise ImageError(image_name(images[bad], bad), VISION_NONFINITE)
         return embs
 
     def embed_tensors(self, images: Any, mode: str = "exact", layout: str = "auto") -> np.ndarray:
@@ -168,9 +168,9 @@ class PickScorer:
         raises ImageError naming an item the vision tower returned non-finite. On a GPU backend a batch on
         the GPU stays there: preprocessing and the vision engine read it in place."""
         embs = self._tensor_embeddings(images, mode, layout)
-        bad = np.flatnonzero(~finite_rows(embs))
-        if len(bad):
-            raise ImageError(f"#{bad[0]} (tensor)", VISION_NONFINITE)
+        bad = first_nonfinite_row(embs)
+        if bad is not None:
+            raise ImageError(f"#{bad} (tensor)", VISION_NONFINITE)
         return embs
 
     def _tensor_embeddings(self, images: Any, mode: str = "exact", layout: str = "auto") -> np.ndarray:

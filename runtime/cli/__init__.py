@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing artifacts directory (nothing else)")
     add_gate_arg(p)
     p.add_argument("--int8-plan", default="default", metavar="NAME",
-                   help="how the int8 vision tower is quantised: default (passes gate v2 on plain and stress weights) "
-                        "or fast (~25 %% faster on an AVX2 CPU; failed stress weights narrowly): run verify either way")
+                   help="how the int8 vision tower is quantised: default (passes gate v3 on plain and stress weights) "
+                        "or fast (~25 %% faster on an AVX2 CPU; fails stress weights narrowly): the gate at export judges either")
 
     p = sub.add_parser("score", help="score images against prompts")
     where = p.add_mutually_exclusive_group(required=True)
