@@ -11,9 +11,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pickscore_runtime.artifacts import export_lock, file_entry, is_artifacts_dir, package_versions, staged_directory, write_manifest
+from pickscore_runtime.artifacts import (Artifacts, export_lock, file_entry, is_artifacts_dir, package_versions,
+                                         staged_directory, write_manifest)
+from pickscore_runtime.backends import BACKENDS
 from pickscore_runtime.backends.torch_backend import tower_module
 from pickscore_runtime.errors import PickScoreError
+from pickscore_runtime.gate_records import record_gate_results
 from pickscore_runtime.preprocess import PreprocessConfig
 from pickscore_runtime.tokenizer import ClipTokenizer
 from pickscore_runtime.towers import TOWERS, tower_specs
@@ -23,6 +26,7 @@ from pickscore_models import model_info
 from . import onnx_export, stress
 from .samples import calibration_pixels
 from .source import ModelSource, hub_snapshot, load_clip, read_preprocessing, read_tokenizer_settings, tokenizer_files
+from .verify import verify_precisions
 
 log = logging.getLogger("pickscore")
 
@@ -117,8 +121,8 @@ def export_artifacts(source: ModelSource, out_dir: str | Path, precisions: Seque
 
     gate=True (the default) ends an export of any precision but fp32 with the numerics gate on these very
     weights (`pickscore verify` on `gate_backend`, against the transformers reference), recorded in
-    gate.json: `auto` serves only what passed. A failed gate still lands the export (fp32 stays exact);
-    its failures are in gate.json and in `gate_reports(out_dir)`.
+    gate.json: `auto` serves only what passed. A failed gate still lands the export (fp32 stays exact),
+    with its failures in gate.json.
 
     Only one export writes a target at a time: a second is refused, or with wait=True waits its turn.
     reuse_existing=True returns a target that already holds artifacts (another process may have
@@ -144,13 +148,6 @@ def export_artifacts(source: ModelSource, out_dir: str | Path, precisions: Seque
 def gate_export(root: Path, source: ModelSource, precisions: Sequence[str], backend: str,
                 progress: Callable[[str], None]) -> list[dict]:
     """Gate v3 on freshly exported towers, recorded in root/gate.json; returns the reports."""
-    from pickscore_runtime.artifacts import Artifacts
-    from pickscore_runtime.gate_records import record_gate_results
-
-    from .verify import verify_precisions
-
-    from pickscore_runtime.backends import BACKENDS
-
     t0 = time.perf_counter()
     by_backend: dict[str, list[str]] = {}
     for p in precisions:  # int8 is a CPU precision: gated on onnx-cpu even when the GPU gates fp16
