@@ -4,6 +4,7 @@ from a folder's config.json (for machines without the weights; loudly labelled e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -107,9 +108,11 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern))
 
 
+@functools.lru_cache(maxsize=32)
 def hub_snapshot(model: str, revision: str | None) -> Path:
     """The local snapshot folder of `model` at `revision` (its name is the commit). Online this asks the hub
-    where the revision points now; offline it reads the local cache's record of it."""
+    where the revision points now; offline it reads the local cache's record of it. Asked once per process:
+    resolving, describing, the tokenizer files and the cost estimate of one export all need it."""
     try:
         from huggingface_hub import snapshot_download
 

@@ -29,7 +29,7 @@ from pickscore_runtime.bench import machine_info
 from pickscore_runtime.durable import atomic_write
 from pickscore_runtime.errors import PickScoreError
 from pickscore_runtime.images import image_name, open_image
-from pickscore_runtime.results import RandomWeightsWarning, scores_and_probs
+from pickscore_runtime.results import RandomWeightsWarning, finite_rows, scores_and_probs
 
 from . import gate
 from .reference import Reference
@@ -134,10 +134,8 @@ def reference_embeddings(source: ModelSource, paths: Sequence[Path], prompts: Se
 
 def nonfinite_items(text: np.ndarray, image: np.ndarray, prompts: Sequence[str], image_names: Sequence[str]) -> list[str]:
     """What a tower returned NaN or Inf for, named."""
-    bad_text = ~np.isfinite(text).all(axis=-1)
-    bad_image = ~np.isfinite(image).all(axis=-1)
-    return ([f"text tower: prompt {i} {prompts[i][:40]!r}" for i in np.flatnonzero(bad_text)]
-            + [f"vision tower: image {image_names[j]}" for j in np.flatnonzero(bad_image)])
+    return ([f"text tower: prompt {i} {prompts[i][:40]!r}" for i in np.flatnonzero(~finite_rows(text))]
+            + [f"vision tower: image {image_names[j]}" for j in np.flatnonzero(~finite_rows(image))])
 
 
 def _report(run: dict, ref_text: np.ndarray, ref_img: np.ndarray, ref_scale: np.float32, source: ModelSource, t_reference: float,
