@@ -16,9 +16,9 @@ def bench_artifacts(tmp_path_factory) -> Path:
         return Path(os.environ["PICKSCORE_BENCH_ARTIFACTS"])
     from pickscore_export.build import export_artifacts
     from pickscore_export.source import ModelSource
-    from pickscore_export.tiny import make_tiny_model_dir, shared_model_dir
+    from pickscore_export.tiny import make_tiny_model_dir
 
-    folder = make_tiny_model_dir(tmp_path_factory.mktemp("tiny"), shared_model_dir())
+    folder = make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
     return export_artifacts(ModelSource(str(folder), random_init=True), tmp_path_factory.mktemp("a") / "art", ["fp32", "int8"])
 
 

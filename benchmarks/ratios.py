@@ -1,6 +1,8 @@
-"""Ratios for RESULTS.md, computed from one `pickscore bench --json` run (rows measured side by side).
+"""Ratios for RESULTS.md, computed from one `pickscore bench --output` file (rows measured side by side):
+each backend's vision img/s against torch fp32's, e2e against vision, the cached prompt's latency. Rows
+of failed cells (`error`) are left out.
 
-    python benchmarks/ratios.py benchmarks/results/bench_full.json
+    python benchmarks/ratios.py benchmarks/results/2026-11-25-zen4-avx512/bench_torch_ort_fp32_int8.json
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import sys
 
 
 def ratios(result: dict) -> list[str]:
-    rows = {(r["backend"], r["precision"], r["stage"], r["batch_size"]): r for r in result["rows"]}
-    batches = sorted({r["batch_size"] for r in result["rows"]})
-    engines = list(dict.fromkeys((r["backend"], r["precision"]) for r in result["rows"]))
+    measured = [r for r in result["rows"] if not r.get("error")]
+    rows = {(r["backend"], r["precision"], r["stage"], r["batch_size"]): r for r in measured}
+    batches = sorted({r["batch_size"] for r in measured})
+    engines = list(dict.fromkeys((r["backend"], r["precision"]) for r in measured))
     out = []
     torch = ("torch", "fp32")
     for engine in engines:

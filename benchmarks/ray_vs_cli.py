@@ -1,11 +1,11 @@
 """`pickscore score --ray` against the plain CLI on the same input and machine (SCALE.md; the per-core cost of
-decoding, which sizes a cluster, is benchmarks/decode_cost.py's).
+decoding, which sizes a cluster, is benchmarks/experiments/decode_cost.py's).
 
     # Ray vs the CLI: both commands on the same manifest of 512x512 JPEGs (4 per prompt), in alternating order,
     # at two sizes, so that the fixed costs (process start, model load, Ray planning) and the per-image cost
     # separate: per-image cost = (wall(large) - wall(small)) / (large - small).
     python benchmarks/ray_vs_cli.py compare ARTIFACTS_DIR [--precisions int8,fp32] [--sizes 64,256] [--rounds 3]
-                                    [--json benchmarks/results/ray_vs_cli.json]
+                                    --json benchmarks/results/DATE-MACHINE/ray_vs_cli.json
 
 The Ray runs join one local cluster started here with twice as many logical CPUs as cores (one scorer actor
 of `cores` threads plus decoding tasks, as the CLI runs `cores` ONNX Runtime threads plus `cores` decoding
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,9 +34,8 @@ import numpy as np
 
 from pickscore_export.samples import synthetic_image
 from pickscore_runtime.artifacts import Artifacts
-from pickscore_runtime.bench import machine_info
+from pickscore_runtime.machine import code_version, machine_info
 
-RESULTS = Path(__file__).resolve().parent / "results"
 IMAGES_PER_PROMPT = 4
 DISTINCT_IMAGES = 32  # the manifest cycles over these; decoding costs the same every time
 # Logical CPUs of the benchmark's cluster per core: the scorer actor takes `cores` (its ONNX Runtime threads),
@@ -160,7 +160,8 @@ def compare(args: argparse.Namespace) -> dict:
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
-    return {"machine": machine_info(None), "load_average_after": os.getloadavg(), "artifacts": args.artifacts,
+    return {"code": code_version(), "command": shlex.join(sys.argv), "cwd": os.getcwd(), "machine": machine_info(None),
+            "load_average_after": os.getloadavg(), "artifacts": args.artifacts,
             "random_weights": Artifacts.load(args.artifacts, hash_check="size").random_weights,
             "image_size": args.image_size, "ray_cluster_cpus": CLUSTER_CPUS_PER_CORE * cores, "rows": rows,
             "summary": summarise(rows, sizes)}
@@ -202,7 +203,7 @@ def main() -> None:
     c.add_argument("--rounds", type=int, default=3)
     c.add_argument("--image-size", type=int, default=512)
     c.add_argument("--batch-size", type=int, default=None)
-    c.add_argument("--json", type=Path, default=RESULTS / "ray_vs_cli.json")
+    c.add_argument("--json", type=Path, required=True, help="the JSON to write, e.g. benchmarks/results/DATE-MACHINE/ray_vs_cli_full.json")
     args = ap.parse_args()
     result = compare(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)

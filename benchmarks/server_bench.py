@@ -1,7 +1,7 @@
 """`pickscore serve` against in-process `score_many`, on the same images, in the same run.
 
     python benchmarks/server_bench.py --artifacts DIR [--precisions int8,fp32] [--clients 1,4,16]
-        [--images 64] [--images-per-request 2] [--rounds 3] [--protocol rewards|score] [--output OUT.json]
+        [--images 64] [--images-per-request 2] [--rounds 3] [--protocol rewards|score] --output OUT.json
 
 For each precision: one `pickscore serve` process (127.0.0.1, a free port) and one in-process
 PickScorer, both opened on the same backend, batch size and threads. Every round times in-process
@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -35,10 +36,9 @@ import numpy as np
 
 from pickscore_runtime import PickScorer, RandomWeightsWarning, WorkItem
 from pickscore_runtime.artifacts import Artifacts
-from pickscore_runtime.bench import bench_images, bench_prompts, machine_info
+from pickscore_runtime.bench import bench_images, bench_prompts
+from pickscore_runtime.machine import code_version, machine_info
 from pickscore_runtime.server import PickScoreClient
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,7 +59,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="backend threads, both paths (default: all cores)")
     ap.add_argument("--workers", type=int, default=None, help="decoding threads, both paths (default: cores, at most 8)")
     ap.add_argument("--label", default="", help="free text kept in the output, e.g. 'tiny model'")
-    ap.add_argument("--output", type=Path, default=RESULTS / "server_bench.json")
+    ap.add_argument("--output", type=Path, required=True,
+                    help="the JSON to write, e.g. benchmarks/results/DATE-MACHINE/server_bench_full.json")
     return ap.parse_args()
 
 
@@ -204,7 +205,8 @@ def main() -> None:
                     print(f"{precision:5} round {r} {name:22} {row['img_s']:8.2f} img/s", file=sys.stderr, flush=True)
     artifacts = Artifacts.load(args.artifacts, hash_check="size")
     summary = summarize(rows)
-    result = {"label": args.label, "machine": machine_info(args.threads), "artifacts": str(args.artifacts),
+    result = {"label": args.label, "code": code_version(), "command": shlex.join(sys.argv), "cwd": os.getcwd(),
+              "machine": machine_info(args.threads), "artifacts": str(args.artifacts),
               "random_weights": artifacts.random_weights, "dims": artifacts.manifest["dims"], "backend": args.backend,
               "protocol": args.protocol, "images_per_pass": len(images), "images_per_request": k,
               "image_size": args.image_size, "max_wait_ms": args.max_wait_ms, "summary": summary, "rows": rows}

@@ -1,6 +1,7 @@
 """A markdown table of gate v3 reports (`pickscore verify --output`), one column per (weights, precision).
 
-    python benchmarks/verify_table.py benchmarks/results/verify_full_plain.json benchmarks/results/verify_full_stress.json
+    python benchmarks/verify_table.py benchmarks/results/2026-12-06-avx2/verify_full_plain.json \
+        benchmarks/results/2026-12-06-avx2/verify_full_stress.json
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .build import EXPORTABLE, export_artifacts, first_use_estimate, parse_precisions
+from .build import EXPORTED, export_artifacts, first_use_estimate, parse_precisions
 from .source import ModelSource, ModelSourceError, load_clip
 from .verify import verify_precisions
 
@@ -17,5 +17,5 @@ def source_from_manifest(manifest: dict[str, Any]) -> ModelSource:
     return ModelSource.from_manifest(manifest)
 
 
-__all__ = ["EXPORTABLE", "ModelSource", "ModelSourceError", "export_artifacts", "first_use_estimate", "load_clip", "parse_precisions",
+__all__ = ["EXPORTED", "ModelSource", "ModelSourceError", "export_artifacts", "first_use_estimate", "load_clip", "parse_precisions",
            "source_from_manifest", "verify_precisions"]

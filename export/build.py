@@ -14,11 +14,12 @@ from typing import Callable, Sequence
 from pickscore_runtime.artifacts import (Artifacts, export_lock, file_entry, is_artifacts_dir, package_versions,
                                          staged_directory, write_manifest)
 from pickscore_runtime.backends import BACKENDS
-from pickscore_runtime.backends.torch_backend import tower_module
 from pickscore_runtime.errors import PickScoreError
 from pickscore_runtime.gate_records import record_gate_results
+from pickscore_runtime.precisions import EXPORTED
 from pickscore_runtime.preprocess import PreprocessConfig
 from pickscore_runtime.tokenizer import ClipTokenizer
+from pickscore_runtime.torch_towers import tower_module
 from pickscore_runtime.towers import TOWERS, tower_specs
 
 from pickscore_models import model_info
@@ -30,7 +31,6 @@ from .verify import verify_precisions
 
 log = logging.getLogger("pickscore")
 
-EXPORTABLE = ("fp32", "fp16", "int8")
 NUMERICS = {
     "fp32": "fp32",
     "fp16": "fp16 weights/compute; LayerNorm, softmax, reductions, pow, sqrt, final L2 norm in fp32; fp32 IO",
@@ -92,9 +92,9 @@ def first_use_estimate(source: ModelSource, precisions: Sequence[str], gate: boo
 
 def parse_precisions(text: str | Sequence[str]) -> list[str]:
     items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
-    bad = [p for p in items if p not in EXPORTABLE]
+    bad = [p for p in items if p not in EXPORTED]
     if bad or not items:
-        raise PickScoreError(f"unsupported precision {', '.join(bad) or '(none)'}; choose from {', '.join(EXPORTABLE)}")
+        raise PickScoreError(f"unsupported precision {', '.join(bad) or '(none)'}; choose from {', '.join(EXPORTED)}")
     return list(dict.fromkeys(items))
 
 

@@ -280,7 +280,7 @@ def role_matmuls(model_path: Path, role: str) -> list[str]:
 
 
 # Weight schemes by name, as quantize_dynamic's (per_channel, reduce_range, weight_type); a plan's
-# role_weights gives some roles their own (benchmarks/int8_attribution.py emulates the same schemes).
+# role_weights gives some roles their own (benchmarks/experiments/int8_attribution.py emulates the same schemes).
 WEIGHT_SCHEMES = {"tensor": (False, False, "int8"), "channel": (True, False, "int8"),
                   "channel7": (True, True, "int8"), "channel_u8": (True, False, "uint8")}
 

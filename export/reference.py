@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pickscore_runtime.backends.torch_backend import features
+from pickscore_runtime.torch_towers import features
 
 from .source import ModelSource, load_clip, tokenizer_files
 

@@ -84,10 +84,9 @@ def channel_maxima(model_path: Path, tensors: list[str], calib: np.ndarray, inpu
     """max |x| per channel (the last axis) of each named tensor, over every token of every calibration image.
     The graph reduces them itself (Abs, ReduceMax over all but the last axis), so only [C] vectors leave it."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper
 
-    from pickscore_runtime.backends.onnxruntime import session_options
+    from pickscore_runtime.ort_sessions import cpu_session
 
     model = onnx.load(str(model_path), load_external_data=False)
     del model.graph.output[:]
@@ -103,7 +102,7 @@ def channel_maxima(model_path: Path, tensors: list[str], calib: np.ndarray, inpu
         probe = Path(f.name)
     try:
         onnx.save(model, str(probe))
-        session = ort.InferenceSession(str(probe), session_options(), providers=["CPUExecutionProvider"])
+        session = cpu_session(probe)
         maxima: dict[str, np.ndarray] = {}
         for start in range(0, len(calib), 4):
             for name, m in zip(tensors, session.run(None, {input_name: calib[start:start + 4]})):

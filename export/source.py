@@ -1,5 +1,9 @@
 """Where the model comes from: a hub id, a local Hugging Face folder, or seeded random weights built
-from a folder's config.json (for machines without the weights; loudly labelled everywhere)."""
+from a folder's config.json (for machines without the weights; loudly labelled everywhere).
+
+PickScore's own config, tokenizer and processor files ship with the package (`pickscore_models`): the
+PickScore hub id with random weights builds from them, and the processor's tokenizer files come from
+them, so neither touches the network."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pickscore_models import model_info
+from pickscore_models import model_info, pickscore_v1_dir
 from pickscore_runtime.artifacts import sha256_file
 from pickscore_runtime.errors import PickScoreError
 
@@ -31,7 +35,7 @@ class ModelSourceError(PickScoreError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    model: str = KNOWN["hub_id"]  # hub id or local folder
+    model: str = KNOWN["hub_id"]  # hub id or local folder (None: the hub id)
     random_init: bool = False
     seed: int = 0
     stress: bool = False  # with random_init: plant trained-ViT-like activation outliers (see stress.py)
@@ -40,6 +44,8 @@ class ModelSource:
     commit: str | None = None  # the hub commit `revision` resolved to (see resolved()); what is loaded
 
     def __post_init__(self) -> None:
+        if self.model is None:  # no --model: PickScore itself (with random_init, its bundled files)
+            object.__setattr__(self, "model", KNOWN["hub_id"])
         if self.stress and not self.random_init:
             raise ModelSourceError("--stress plants outliers into random weights: it needs --random-init")
 
@@ -49,9 +55,19 @@ class ModelSource:
         return "trained" if not self.random_init else "random+stress" if self.stress else "random"
 
     @property
+    def bundled_dir(self) -> Path | None:
+        """The package's own copy of PickScore's config and tokenizer files, when it is what this source
+        builds from: the PickScore hub id with random weights (no weights to fetch, so no hub revision to
+        pin: the config is the published architecture). A hub revision asked for goes to the hub."""
+        if self.random_init and self.model == KNOWN["hub_id"] and self.revision is None and self.commit is None:
+            return pickscore_v1_dir()
+        return None
+
+    @property
     def local_dir(self) -> Path | None:
+        """The folder the model is read from: a local folder, or the bundled files (see bundled_dir)."""
         path = Path(self.model).expanduser()
-        return path if path.is_dir() else None
+        return path if path.is_dir() else self.bundled_dir
 
     def resolved(self) -> "ModelSource":
         """This source with a hub revision pinned to the commit it names now (a local folder as it is). The
@@ -64,7 +80,11 @@ class ModelSource:
         """The manifest's `source` section: where the weights came from and their hashes."""
         d: dict[str, Any] = {"model": self.model}
         local = self.local_dir
-        if local is not None:
+        if local is not None and local == self.bundled_dir:  # no path: the installed package's, wherever it is
+            d["kind"] = "bundled"
+            d["files"] = "pickscore_models/" + local.name
+            d["config_sha256"] = sha256_file(local / "config.json")
+        elif local is not None:
             d["kind"] = "local"
             d["path"] = str(local.resolve())
             d["config_sha256"] = sha256_file(local / "config.json")
@@ -137,7 +157,8 @@ def _no_weights_message(source: ModelSource, detail: str) -> str:
         f"cannot load the weights of {source.model!r} ({detail}). "
         "Without network access, download the model elsewhere and pass --model DIR (a Hugging Face folder "
         "with config.json and weights), or, to exercise every code path offline with meaningless scores, "
-        "pass --model DIR --random-init where DIR holds config.json and the tokenizer files."
+        "pass --random-init (PickScore's own config, shipped with the package; or --model DIR --random-init "
+        "where DIR holds a config.json)."
     )
 
 
@@ -149,7 +170,8 @@ def load_clip(source: ModelSource):
     local = source.local_dir
     if source.random_init:
         if local is None or not (local / "config.json").is_file():
-            raise ModelSourceError(f"--random-init needs --model DIR with a config.json; {source.model!r} is not such a folder")
+            raise ModelSourceError(f"--random-init builds from a config.json: give --model DIR with one, or no --model "
+                                   f"(PickScore's own, shipped with the package); {source.model!r} is not such a folder")
         config = CLIPConfig.from_pretrained(local)
         log.warning("building %s with RANDOM weights (seed %d): scores will be meaningless", source.model, source.seed)
         with torch.random.fork_rng(devices=[]):
@@ -175,12 +197,15 @@ def load_clip(source: ModelSource):
 
 def tokenizer_files(source: ModelSource, dest: Path | None = None) -> Path:
     """A folder holding tokenizer.json and preprocessor_config.json for `source`: the model folder when
-    it has them, else the processor repo (the model card takes them from laion's ViT-H-14 repo)."""
+    it has them, else the processor repo (the model card takes them from laion's ViT-H-14 repo; the
+    package ships byte-identical copies of those, used instead of the hub)."""
     local = source.local_dir
     if local is None and source.commit is not None:
         local = hub_snapshot(source.model, source.commit)  # a hub repo that carries its own tokenizer files
     if local is not None and (local / "tokenizer.json").is_file():
         return local
+    if source.processor == KNOWN["processor_hub_id"]:
+        return pickscore_v1_dir()
     try:
         from huggingface_hub import snapshot_download
 

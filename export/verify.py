@@ -25,7 +25,7 @@ import numpy as np
 from pickscore_models import model_info
 from pickscore_runtime import PickScorer
 from pickscore_runtime.artifacts import package_versions, sha256_file
-from pickscore_runtime.bench import machine_info
+from pickscore_runtime.machine import machine_info
 from pickscore_runtime.durable import atomic_write
 from pickscore_runtime.errors import PickScoreError
 from pickscore_runtime.images import image_name, open_image

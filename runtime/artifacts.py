@@ -22,13 +22,13 @@ import numpy as np
 
 from .errors import ArtifactError
 from .locks import FileLock
+from .precisions import EXPORTED
 from .preprocess import PreprocessConfig
 from .towers import TOWERS, TowerSpec, tower_specs
 
 MANIFEST = "manifest.json"
 FORMAT = "pickscore-artifacts"
 FORMAT_VERSION = 1
-PRECISION_ORDER = ("fp32", "fp16", "int8")  # most accurate first
 HASH_CHECKS = ("full", "size")
 
 
@@ -110,8 +110,18 @@ def package_versions(names: Iterable[str]) -> dict[str, str | None]:
 
 
 @dataclass(frozen=True)
+class TokenizerConfig:
+    """How the manifest says to tokenise (the vocabulary is `Artifacts.tokenizer_file`)."""
+
+    max_length: int  # 77 for CLIP: longer prompts are truncated, as the reference does
+    pad_token: str
+
+
+@dataclass(frozen=True)
 class Artifacts:
-    """A validated artifacts directory."""
+    """A validated artifacts directory. Read the manifest through the typed properties below (embed_dim,
+    image_size, preprocessing, crop_size, tokenizer_config, source, model_name, logit_scale, ...) rather than
+    indexing `manifest`: `Artifacts.load` has checked exactly these fields."""
 
     root: Path
     manifest: dict[str, Any]
@@ -172,7 +182,18 @@ class Artifacts:
 
     @property
     def source(self) -> dict[str, Any]:
+        """Where the weights came from (hub id + revision, or local path + hashes; random-init flagged with its seed)."""
         return self.manifest["model"]["source"]
+
+    @property
+    def model_name(self) -> str:
+        """The model's name as the export recorded it ("pickscore_v1"), for the server's model listing."""
+        return str(self.manifest["model"].get("name", "pickscore"))
+
+    @property
+    def logit_scale(self) -> float:
+        """The model's logit_scale parameter, as stored (scores use `logit_scale_exp`)."""
+        return float(self.manifest["logit_scale"])
 
     @property
     def logit_scale_exp(self) -> np.float32:
@@ -180,15 +201,53 @@ class Artifacts:
         return np.exp(np.float32(self.manifest["logit_scale"]))
 
     @property
+    def dims(self) -> dict[str, int]:
+        """Every dimension the export recorded (embed_dim, image_size, patch_size, layers...), a copy."""
+        return dict(self.manifest["dims"])
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of both towers' L2-normalised embeddings."""
+        return int(self.manifest["dims"]["embed_dim"])
+
+    @property
+    def image_size(self) -> int:
+        """The vision tower's input side (pixel_values [B, 3, image_size, image_size])."""
+        return int(self.manifest["dims"]["image_size"])
+
+    @property
+    def preprocessing(self) -> PreprocessConfig:
+        """The image preprocessing the towers were exported with (`.to_json()` for its manifest form)."""
+        return PreprocessConfig.from_json(self.manifest["preprocessing"])
+
+    @property
+    def crop_size(self) -> int:
+        """The side of the preprocessed images (the preprocessing's centre crop)."""
+        return self.preprocessing.crop_size
+
+    @property
+    def tokenizer_config(self) -> TokenizerConfig:
+        tok = self.manifest["tokenizer"]
+        return TokenizerConfig(int(tok["max_length"]), str(tok["pad_token"]))
+
+    @property
+    def created_utc(self) -> str | None:
+        return self.manifest.get("created_utc")
+
+    @property
+    def packages(self) -> dict[str, str]:
+        """Versions of the packages that made the export (python, torch, transformers, onnx...)."""
+        return dict(self.manifest.get("packages") or {})
+
+    @property
     def precisions(self) -> list[str]:
         towers = self.manifest["towers"]
         have = [set(towers.get(t, {}).get("precisions", {})) for t in TOWERS]
         both = set.intersection(*have)
-        return [p for p in PRECISION_ORDER if p in both]
+        return [p for p in EXPORTED if p in both]
 
     def specs(self) -> dict[str, TowerSpec]:
-        dims = self.manifest["dims"]
-        return tower_specs(dims["embed_dim"], dims["image_size"])
+        return tower_specs(self.embed_dim, self.image_size)
 
     def tower_file(self, tower: str, precision: str, fmt: str = "onnx") -> Path:
         """The model file of one tower variant (its weights may sit in a sibling external-data file)."""

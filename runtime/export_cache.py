@@ -22,9 +22,9 @@ from .artifacts import FORMAT_VERSION, MANIFEST, package_versions, sha256_file
 from .backends.registry import AUTO_ORDER, BACKENDS
 from .durable import write_json_atomically
 from .optional import export_tools
+from .precisions import DEVICE_PLANS
 
-KEY_PACKAGES = ("pickscore-runtime", "torch", "transformers", "onnx", "onnxscript")
-DEVICE_PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16")}  # the fast path, and fp32 beside it
+KEY_PACKAGES = ("pickscore-runtime", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu")
 HASH_MEMO = ".file-hashes.json"  # a dotfile: the cache dir lists exports
 
 
@@ -40,7 +40,7 @@ def first_use_plan(backend: str, precision: str | None) -> tuple[list[str], str]
     name = backend if backend != "auto" else next(n for n in AUTO_ORDER if BACKENDS[n].unavailable() is None)
     device = BACKENDS[name].device
     # the torch backends run from the weights: the artifacts give them the tokenizer and settings only
-    precisions = list(DEVICE_PRECISIONS[device]) if BACKENDS[name].builds_from == "artifacts" else ["fp32"]
+    precisions = list(DEVICE_PLANS[device]) if BACKENDS[name].builds_from == "artifacts" else ["fp32"]
     if precision is not None and precision not in precisions and BACKENDS[name].builds_from == "artifacts":
         precisions.append(precision)
     gate_backend = "onnx-cuda" if device == "cuda" and BACKENDS["onnx-cuda"].unavailable() is None else "onnx-cpu"

@@ -22,6 +22,7 @@ from .backends.base import Backend, PendingEmbeddings
 from .errors import ImageError, PickScoreError
 from .image_preparer import ImagePreparer, PreparedImage
 from .images import ImageInput, image_name
+from .inflight import InFlight
 from .results import PromptResult, ResultAssembler
 from .text_encoder import TextEncoder
 from .tokenizer import check_prompt
@@ -101,7 +102,7 @@ class ScoringPipeline:
     def _drive(self, tasks: Iterator[tuple[_Open, int]]) -> Iterator[None]:
         """Prepare `tasks` in the pool and run them in batches; yields after each finished batch."""
         pending: deque[tuple[_Open, int, Future]] = deque()
-        submitted: deque[tuple[list[tuple[_Open, int]], PendingEmbeddings]] = deque()
+        submitted: InFlight[list[tuple[_Open, int]]] = InFlight(self.backend.queue_depth)
 
         def refill() -> None:
             while len(pending) < self.max_pending:
@@ -127,14 +128,14 @@ class ScoringPipeline:
             if len(good) < len(batch):
                 self.on_images_done(len(batch) - len(good))
             if good:
-                submitted.append((good, self.backend.submit_images(np.stack(pixels))))
-            while len(submitted) >= max(1, self.backend.queue_depth):
-                self._finish(*submitted.popleft())
+                submitted.put(good, self.backend.submit_images(np.stack(pixels)))
+            for done in submitted.due():
+                self._finish(*done)
                 yield
             if not good:
                 yield  # items whose images all failed may be complete now
-        while submitted:
-            self._finish(*submitted.popleft())
+        for done in submitted.drain():
+            self._finish(*done)
             yield
         for _ in tasks:  # drain: registers trailing items that have no images
             pass

@@ -135,6 +135,30 @@ def ranks_of(scores: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def ranked_rows(image_names: Sequence[str], scores: np.ndarray, image_errors: Mapping[int, str]) -> list[ImageScore]:
+    """One prompt's rows from its scores: probabilities (softmax) and ranks over the scores not listed in
+    `image_errors` (index -> reason), which keep their row with that reason; a score that is not finite is
+    its image's error. The logit scale is already in the scores: nothing here needs the model."""
+    rows = [ImageScore(name) for name in image_names]
+    scores = np.asarray(scores, np.float32)
+    finite = finite_rows(scores)
+    ok = [j for j in range(len(rows)) if j not in image_errors and finite[j]]
+    kept = scores[ok]
+    for j, s, p, r in zip(ok, kept, softmax(kept), ranks_of(kept)):
+        rows[j].score, rows[j].prob, rows[j].rank = float(s), float(p), int(r)
+    for j, row in enumerate(rows):
+        if j in image_errors:
+            row.error = image_errors[j]
+        elif not finite[j]:
+            row.error = SCORE_NONFINITE
+    return rows
+
+
+def unscored_rows(image_names: Sequence[str]) -> list[ImageScore]:
+    """The rows of an item that could not be scored at all (bad prompt, bad input row)."""
+    return [ImageScore(name, error=PROMPT_NOT_SCORED) for name in image_names]
+
+
 @dataclass(frozen=True)
 class ResultAssembler:
     """Turns embeddings (or errors) into a PromptResult labelled with the model and backend that made it."""
@@ -164,18 +188,7 @@ class ResultAssembler:
                         image_errors: Mapping[int, ImageError], truncated: bool = False, key: Any = None) -> PromptResult:
         """One prompt's result from scores already computed (a distributed job's second pass): probs and ranks
         over the scores not listed in `image_errors`; a score that is not finite is its image's error."""
-        rows = [ImageScore(name) for name in image_names]
-        scores = np.asarray(scores, np.float32)
-        finite = finite_rows(scores)
-        ok = [j for j in range(len(rows)) if j not in image_errors and finite[j]]
-        kept = scores[ok]
-        for j, s, p, r in zip(ok, kept, softmax(kept), ranks_of(kept)):
-            rows[j].score, rows[j].prob, rows[j].rank = float(s), float(p), int(r)
-        for j, row in enumerate(rows):
-            if j in image_errors:
-                row.error = image_errors[j].reason
-            elif not finite[j]:
-                row.error = SCORE_NONFINITE
+        rows = ranked_rows(image_names, scores, {j: e.reason for j, e in image_errors.items()})
         return self._result(prompt, rows, truncated=truncated, key=key)
 
     def paired_scores(self, text_embs: np.ndarray, image_embs: np.ndarray) -> np.ndarray:
@@ -196,8 +209,7 @@ class ResultAssembler:
 
     def failed(self, prompt: Any, image_names: Sequence[str], error: str, key: Any = None) -> PromptResult:
         """A result for an item that could not be scored at all (bad prompt, bad input row)."""
-        rows = [ImageScore(name, error=PROMPT_NOT_SCORED) for name in image_names]
-        return self._result(prompt, rows, error=error, key=key)
+        return self._result(prompt, unscored_rows(image_names), error=error, key=key)
 
     def _result(self, prompt: str, rows: list[ImageScore], **kw: Any) -> PromptResult:
         return PromptResult(prompt, rows, self.random_weights, backend=self.backend, precision=self.precision, **kw)

@@ -15,19 +15,20 @@ import logging
 import os
 import threading
 import warnings
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .artifacts import Artifacts
-from .backends import Backend, open_backend, select_backend
+from .backends import Backend, open_backend, runnable_backend, select_backend
 from .errors import ImageError, NonFiniteError, PromptError
 from .image_preparer import ImagePreparer
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, image_name
+from .images import ImageInput, image_name
+from .inflight import embed_in_flight
+from .options import ScorerOptions
 from .pipeline import ScoringPipeline, WorkItem, default_workers
-from .preprocess import PreprocessConfig, Preprocessor
+from .preprocess import Preprocessor
 from .results import (RANDOM_WEIGHTS_BANNER, TEXT_NONFINITE, VISION_NONFINITE, PromptResult, RandomWeightsWarning,
                       ResultAssembler, first_nonfinite_row)
 from .tensor_images import TensorPreparer, is_tensor_batch
@@ -36,6 +37,7 @@ from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer, check_prompt
 
 log = logging.getLogger("pickscore")
+DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 
 
 class PickScorer:
@@ -50,62 +52,63 @@ class PickScorer:
         self._pool_lock = threading.Lock()
 
     @classmethod
-    def load(cls, artifacts_dir: str | os.PathLike, backend: str = "auto", precision: str | None = None, *,
-             hash_check: str = "full", batch_size: int | None = None, workers: int | None = None,
-             threads: int | None = None, text_cache_file: str | os.PathLike | None = None, text_cache_size: int = 4096,
-             apply_exif_orientation: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-             jpeg_draft: bool = False, reducing_gap: float | None = None, **backend_options: Any) -> "PickScorer":
-        """Open an exported artifacts directory on a backend ("auto": the fastest that can run here).
-
-        hash_check="size" skips SHA-256 (existence and sizes are still checked). text_cache_file: a SQLite
-        file keeping text embeddings across runs and processes (an in-memory LRU of text_cache_size is
-        always on). batch_size: images per backend call. workers: image decoding threads.
-        jpeg_draft / reducing_gap: opt-in fast decoding (see ImagePreparer); the default is exact.
-        """
-        artifacts = Artifacts.load(artifacts_dir, hash_check=hash_check)
-        info, precision, why = select_backend(artifacts, backend, precision)
-        engine = open_backend(info, artifacts, precision, batch_size=batch_size, threads=threads, **backend_options)
-        scorer = cls.from_backend(artifacts, engine, text_cache_file=text_cache_file, text_cache_size=text_cache_size,
-                                  workers=workers, apply_exif_orientation=apply_exif_orientation,
-                                  max_image_pixels=max_image_pixels, jpeg_draft=jpeg_draft, reducing_gap=reducing_gap,
-                                  backend_choice=why)
+    def load(cls, artifacts_dir: str | os.PathLike, backend: str | None = None, precision: str | None = None, *,
+             options: ScorerOptions | None = None, **settings: Any) -> "PickScorer":
+        """Open an exported artifacts directory on a backend ("auto", the default: the fastest that can run
+        here). `options`: a ScorerOptions; `settings`: any of its fields by name, flat (batch_size,
+        threads, workers, hash_check, text_cache_file, text_cache_size, max_image_pixels, jpeg_draft,
+        reducing_gap, apply_exif_orientation, and the backend's declared options), applied over `options`.
+        Every setting is checked before the artifacts are read; an option no backend declares is refused."""
+        options = cls._options(options, backend, precision, settings)
+        artifacts = Artifacts.load(artifacts_dir, hash_check=options.hash_check)
+        info, chosen, why = select_backend(artifacts, options.backend, options.precision)
+        engine = open_backend(info, artifacts, chosen, **options.backend_kwargs())
+        scorer = cls.from_backend(artifacts, engine, options, backend_choice=why)
         if artifacts.random_weights:
             warnings.warn(f"{RANDOM_WEIGHTS_BANNER} ({artifacts.root})", RandomWeightsWarning, stacklevel=2)
         log.info("loaded %s on %s/%s (%s)", artifacts.root, engine.name, engine.precision, why)
         return scorer
 
+    @staticmethod
+    def _options(options: ScorerOptions | None, backend: str | None, precision: str | None,
+                 settings: dict[str, Any]) -> ScorerOptions:
+        named = {k: v for k, v in (("backend", backend), ("precision", precision)) if v is not None}
+        return (options or ScorerOptions()).replace(**named, **settings)
+
     @classmethod
-    def from_pretrained(cls, model: str = "yuvalkirstain/PickScore_v1", *, revision: str | None = None,
-                        random_init: bool = False, seed: int = 0, stress: bool = False, backend: str = "auto",
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, *, revision: str | None = None,
+                        random_init: bool = False, seed: int = 0, stress: bool = False, backend: str | None = None,
                         precision: str | None = None, verify: bool = True,
-                        progress: Callable[[str], None] | None = None, **load_options: Any) -> "PickScorer":
+                        progress: Callable[[str], None] | None = None, options: ScorerOptions | None = None,
+                        **settings: Any) -> "PickScorer":
         """What `pickscore score --model` does: export `model` (a hub id, pinned to the commit `revision`
-        resolves to, or a local folder) on first use into the user cache, with what `backend` runs fast
+        resolves to, or a local folder) on first use into the user cache, with what the backend runs fast
         (CPU: fp32 + int8; GPU: fp32 + fp16), gate the fast precision against the PyTorch reference
         (verify=False skips it: auto then serves fp32), and open it with `load`. Later calls reuse the
-        export; changed weights or a moved revision export again. Needs the [export] extra."""
+        export; changed weights or a moved revision export again. Settings as `load` takes them, checked
+        before the export. Needs the [export] extra."""
         from .export_cache import cached_artifacts, first_use_plan
 
-        precisions, gate_backend = first_use_plan(backend, precision)
+        options = cls._options(options, backend, precision, settings)
+        if options.backend != "auto":
+            runnable_backend(options.backend)  # before minutes of export, not after
+        precisions, gate_backend = first_use_plan(options.backend, options.precision)
         root = cached_artifacts(model, precisions, random_init=random_init, seed=seed, stress=stress, revision=revision,
                                 gate=verify, gate_backend=gate_backend, progress=progress or log.warning)
-        return cls.load(root, backend, precision, **load_options)
+        return cls.load(root, options=options)
 
     @classmethod
-    def from_backend(cls, artifacts: Artifacts, backend: Backend, *, text_cache_file: str | os.PathLike | None = None,
-                     text_cache_size: int = 4096, workers: int | None = None, apply_exif_orientation: bool = False,
-                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft: bool = False,
-                     reducing_gap: float | None = None, backend_choice: str = "") -> "PickScorer":
-        """A scorer around an already opened backend."""
-        tok = artifacts.manifest["tokenizer"]
-        dim = int(artifacts.manifest["dims"]["embed_dim"])
-        cache = TextEmbeddingCache(f"{artifacts.fingerprint}:{backend.precision}", dim, capacity=text_cache_size,
-                                   path=text_cache_file)
-        text = TextEncoder(ClipTokenizer(artifacts.tokenizer_file, tok["max_length"], tok["pad_token"]), backend, cache, dim)
-        images = ImagePreparer(Preprocessor(PreprocessConfig.from_json(artifacts.manifest["preprocessing"])),
-                               apply_exif_orientation=apply_exif_orientation, max_image_pixels=max_image_pixels,
-                               jpeg_draft=jpeg_draft, reducing_gap=reducing_gap)
-        return cls(artifacts, backend, text, images, workers, backend_choice)
+    def from_backend(cls, artifacts: Artifacts, backend: Backend, options: ScorerOptions | None = None, *,
+                     backend_choice: str = "", **settings: Any) -> "PickScorer":
+        """A scorer around an already opened backend (its backend, precision, batch and threads are the
+        backend's own; the text cache, decoding and workers come from `options` / `settings`)."""
+        options = cls._options(options, None, None, settings)
+        tok, dim = artifacts.tokenizer_config, artifacts.embed_dim
+        cache = TextEmbeddingCache(f"{artifacts.fingerprint}:{backend.precision}", dim, capacity=options.text_cache_size,
+                                   path=options.text_cache_file)
+        text = TextEncoder(ClipTokenizer(artifacts.tokenizer_file, tok.max_length, tok.pad_token), backend, cache, dim)
+        images = ImagePreparer(Preprocessor(artifacts.preprocessing), **options.decode.preparer_options())
+        return cls(artifacts, backend, text, images, options.workers, backend_choice)
 
     # ---- the stages, for callers that compose their own --------------------------------------
     @property
@@ -187,14 +190,9 @@ class PickScorer:
         where the backend overlaps copies with compute (queue_depth 2 on GPUs). A stage, like the backend
         it drives: rows the vision tower returned non-finite are returned as they are, for the caller to
         make errors of (results.nonfinite_reasons)."""
-        backend, step = self.backend, max(1, self.backend.batch_size)
-        done, pending = [], deque()
-        for start in range(0, len(pixels), step):
-            pending.append(backend.submit_images(pixels[start:start + step]))
-            while len(pending) >= max(1, backend.queue_depth):
-                done.append(pending.popleft().result())
-        done += [p.result() for p in pending]
-        return np.concatenate(done)
+        step = max(1, self.backend.batch_size)
+        return np.concatenate(list(embed_in_flight(self.backend, (pixels[start:start + step]
+                                                                  for start in range(0, len(pixels), step)))))
 
     # ---- scoring ------------------------------------------------------------------------------
     def score_tensors(self, prompts: str | Sequence[str], images: Any, mode: str = "exact",

@@ -1,19 +1,61 @@
-"""Shared fixtures: the real PickScore tokenizer/processor files from ../shared, a tiny random CLIP
-built from models/tiny_clip with those files, its exported artifacts (fp32, fp16, int8), generated
-images on disk."""
+"""Shared fixtures: the real PickScore config/tokenizer/processor files (shipped in the package:
+models/pickscore_v1), a tiny random CLIP built from models/tiny_clip with those files, its exported
+artifacts (fp32, fp16, int8), generated images on disk.
+
+And CI's rule that nothing skips unnoticed: with PICKSCORE_NO_SKIPS=1 (.ci/run sets it), a test that
+skips without the `gpu` marker (or a module that skips at collection) makes the run fail, listed."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from helpers import require_shared_model
+from helpers import require_pickscore_files
+
+NO_SKIPS_ENV = "PICKSCORE_NO_SKIPS"
+_unexpected_skips: list[tuple[str, str]] = []  # (node id, reason)
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (file, line, "Skipped: reason")
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and item.get_closest_marker("gpu") is None:
+        _unexpected_skips.append((item.nodeid, _skip_reason(report)))
+
+
+def pytest_collectreport(report):
+    if report.skipped:  # a whole module skipped (pytest.importorskip / allow_module_level)
+        _unexpected_skips.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get(NO_SKIPS_ENV) == "1" and _unexpected_skips and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if os.environ.get(NO_SKIPS_ENV) != "1" or not _unexpected_skips:
+        return
+    terminalreporter.write_sep("=", f"{NO_SKIPS_ENV}=1: {len(_unexpected_skips)} skip(s) of tests without the gpu "
+                                    "marker; the run FAILS (only gpu-marked tests may skip)", red=True, bold=True)
+    for nodeid, reason in _unexpected_skips:
+        terminalreporter.write_line(f"SKIPPED {nodeid}: {reason}")
 
 
 @pytest.fixture(scope="session")
-def shared_model() -> Path:
-    return require_shared_model()
+def pickscore_files() -> Path:
+    """PickScore v1's config, tokenizer and processor files (no weights), from the package."""
+    return require_pickscore_files()
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +66,10 @@ def tolerances() -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, shared_model) -> Path:
+def tiny_model_dir(tmp_path_factory, pickscore_files) -> Path:
     from pickscore_export.tiny import make_tiny_model_dir
 
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_clip"), shared_model)
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_clip"), pickscore_files)
 
 
 @pytest.fixture(scope="session")

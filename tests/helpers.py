@@ -16,16 +16,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pytest
 
-from pickscore_export.tiny import shared_model_dir
+from pickscore_models import pickscore_v1_dir
 
 
-def require_shared_model() -> Path:
-    folder = shared_model_dir()
-    if not (folder / "config.json").is_file():
-        message = f"PickScore config/tokenizer files not found at {folder} (set PICKSCORE_SHARED_MODEL_DIR)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # in CI a missing folder is a broken setup, not a reason to skip
-        pytest.skip(message)
+def require_pickscore_files() -> Path:
+    """PickScore's config, tokenizer and processor files, as the package ships them (models/pickscore_v1):
+    always there, in a clone as in an installed wheel; a missing file is a broken package, not a skip."""
+    folder = pickscore_v1_dir()
+    missing = [name for name in ("config.json", "tokenizer.json", "preprocessor_config.json") if not (folder / name).is_file()]
+    if missing:
+        pytest.fail(f"the package's PickScore model files are incomplete: {', '.join(missing)} missing from {folder}")
     return folder
 
 

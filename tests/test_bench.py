@@ -1,16 +1,30 @@
-"""`pickscore bench` produces comparable rows for every backend and stage, a table and a chart; its
-round-robin timing is checked with a scripted clock, not with sleeps."""
+"""`pickscore bench` produces comparable rows for every backend and stage, a table and a chart, and
+records the code, command and machine beside them; its round-robin timing is checked with a scripted
+clock, not with sleeps. A cell that fails for a real reason (a batch size the artifacts' ONNX graph
+refuses; a precision the backend does not run) becomes an error row while every other cell is measured,
+and the JSON holds what was measured even when the run is stopped."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-from pickscore_runtime.bench import DEFAULT_STAGES, time_calls
+import pytest
+
+from pickscore_runtime.backends import BACKENDS
+from pickscore_runtime.bench import DEFAULT_STAGES, PRESETS, STAGES, markdown_table, preset, run_bench, time_calls
 from pickscore_runtime.cli import main
+from pickscore_runtime.errors import PickScoreError
 
 ROW_KEYS = {"backend", "precision", "device", "stage", "batch_size", "items_per_s", "p50_ms", "p95_ms", "peak_rss_mb",
-            "gpu_mem_mb"}
+            "gpu_mem_mb", "error"}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_rows_table_and_plot(tiny_artifacts, tmp_path):
@@ -26,9 +40,18 @@ def test_bench_rows_table_and_plot(tiny_artifacts, tmp_path):
     assert {r["stage"] for r in rows} == set(DEFAULT_STAGES) and {r["batch_size"] for r in rows} == {1, 2}
     assert len(rows) == 4 * len(DEFAULT_STAGES) * 2
     assert all(set(r) == ROW_KEYS and r["items_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] for r in rows)
-    assert all(r["gpu_mem_mb"] is None for r in rows)  # CPU backends have no device memory figure
+    assert all(r["gpu_mem_mb"] is None and r["error"] is None for r in rows)  # CPU backends have no device memory figure
     assert result["random_weights"] is True and result["machine"]["cores"] >= 1 and result["e2e_workers"] == 1
     assert isinstance(result["machine"]["simd"], list)  # int8 and bf16 speeds hinge on the CPU's SIMD flags
+    assert result["machine"]["cpu"] and result["machine"]["usable_cores"] >= 1
+    assert result["complete"] is True and "stopped_by" not in result
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout: the commit; else (an sdist's tests) the package version alone
+        assert result["code"]["commit"] == head.stdout.strip() and isinstance(result["code"]["modified"], bool)
+    else:
+        assert result["code"]["commit"] is None
+    assert result["code"]["version"]
+    assert result["command"] == shlex.join(sys.argv) and result["cwd"] == os.getcwd()  # this process's command line
     assert md.read_text().count("\n") == len(rows) + 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -70,3 +93,107 @@ def test_sequential_and_interleaved_modes_give_the_same_cells(tiny_artifacts, tm
         cells[mode] = [(r["backend"], r["precision"], r["stage"], r["batch_size"]) for r in result["rows"]]
     assert cells["--sequential"] == cells[None] == [
         ("onnx-cpu", p, stage, b) for p in ("fp32", "fp16") for stage in ("vision", "tensors-exact") for b in (1, 2)]
+
+
+def test_time_calls_records_a_failing_fn_and_times_the_others():
+    """errors=[]: the fn that raises (here on its third call: one warm-up, then its second timed call) leaves
+    the rounds with no times; the other is timed in full."""
+    calls = {"ok": 0, "bad": 0}
+
+    def ok():
+        calls["ok"] += 1
+
+    def bad():
+        calls["bad"] += 1
+        if calls["bad"] == 3:
+            raise MemoryError("out of memory at this batch")
+
+    errors: list = []
+    times = time_calls([ok, bad], min_calls=4, min_seconds=0.0, errors=errors)
+    assert [len(t) for t in times] == [4, 0]
+    assert errors[0] is None and isinstance(errors[1], MemoryError)
+    assert calls == {"ok": 5, "bad": 3}
+    with pytest.raises(MemoryError):  # without errors=, the first failure propagates as before
+        calls["bad"] = 0
+        time_calls([ok, bad], min_calls=4, min_seconds=0.0)
+
+
+def batch_one_artifacts(src: Path, dst: Path) -> Path:
+    """A copy of `src` whose fp32 vision graph declares its batch dimension as 1 (the manifest updated to
+    match): ONNX Runtime itself then refuses any other batch, as it would a model exported with a fixed
+    batch. Nothing in the runtime is mocked."""
+    import onnx
+
+    from pickscore_runtime.artifacts import MANIFEST, Artifacts, file_entry, write_manifest
+
+    shutil.copytree(src, dst)
+    artifacts = Artifacts.load(dst, hash_check="size")
+    vision = artifacts.tower_file("vision", "fp32")
+    model = onnx.load(str(vision))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.Clear()
+    dim.dim_value = 1
+    onnx.save(model, str(vision))
+    manifest = json.loads((dst / MANIFEST).read_text())
+    variant = manifest["towers"]["vision"]["precisions"]["fp32"]
+    variant["files"] = [file_entry(dst / f["path"], dst) for f in variant["files"]]
+    write_manifest(dst, {k: v for k, v in manifest.items() if k not in ("format", "format_version")})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def batch_one(tiny_artifacts, tmp_path_factory) -> Path:
+    return batch_one_artifacts(tiny_artifacts, tmp_path_factory.mktemp("batch1") / "art")
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_a_failing_cell_is_an_error_row_and_the_rest_are_measured(batch_one, tmp_path, interleave):
+    out = tmp_path / "bench.json"
+    lines: list[str] = []
+    result = run_bench(batch_one, [("onnx-cpu", "fp32"), ("onnx-cpu", "bf16")], [1, 2], ["vision", "text"], min_calls=1,
+                       min_seconds=0.0, interleave=interleave, progress=lines.append, output=out,
+                       command=["pickscore", "bench", "--batch-sizes", "1,2"])
+    cells = {(r["precision"], r["stage"], r["batch_size"]): r for r in result["rows"]}
+    assert list(cells) == [("fp32", "vision", 1), ("fp32", "vision", 2), ("fp32", "text", 1), ("fp32", "text", 2),
+                           ("bf16", "vision", 1), ("bf16", "vision", 2), ("bf16", "text", 1), ("bf16", "text", 2)]
+    measured = [cells[("fp32", "vision", 1)], cells[("fp32", "text", 1)], cells[("fp32", "text", 2)]]
+    assert all(r["error"] is None and r["items_per_s"] > 0 for r in measured)  # timed beside the failing cell
+    failed = cells[("fp32", "vision", 2)]
+    assert failed["items_per_s"] is None and failed["p50_ms"] is None and failed["device"] == "cpu"
+    assert "INVALID_ARGUMENT" in failed["error"] and "Expected: 1" in failed["error"]  # ONNX Runtime's own refusal
+    unopened = [r for r in result["rows"] if r["precision"] == "bf16"]  # the registry refuses it at open
+    assert all(r["items_per_s"] is None and "not bf16" in r["error"] for r in unopened)
+    assert result["complete"] is True and result["command"] == "pickscore bench --batch-sizes 1,2"
+    assert json.loads(out.read_text()) == result  # the file is the result
+    assert sorted(json.loads(line)["stage"] + str(json.loads(line)["batch_size"]) for line in lines) == \
+        sorted(r["stage"] + str(r["batch_size"]) for r in result["rows"])  # every row said once, as measured
+    table = markdown_table(result)
+    assert "| onnx-cpu | fp32 | cpu | vision | 2 | error: " in table and table.count("\n") == len(result["rows"]) + 1
+
+
+def test_the_json_holds_what_was_measured_when_the_run_is_stopped(tiny_artifacts, tmp_path):
+    """A Ctrl-C (KeyboardInterrupt, raised from the progress callback once the first block's rows are said)
+    stops the run; the output file still holds those rows, says it is not complete and why it stopped."""
+    out = tmp_path / "bench.json"
+
+    def stop(line: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny_artifacts, [("onnx-cpu", "fp32"), ("onnx-cpu", "int8")], [1, 2], ["vision"], min_calls=1,
+                  min_seconds=0.0, progress=stop, output=out)
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and partial["stopped_by"] == "KeyboardInterrupt"
+    assert [(r["precision"], r["batch_size"]) for r in partial["rows"]] == [("fp32", 1), ("int8", 1)]
+    assert all(r["items_per_s"] > 0 for r in partial["rows"]) and partial["machine"]["simd"] is not None
+
+
+def test_presets_name_runnable_scenarios():
+    for name, p in PRESETS.items():
+        assert p.about and p.batch_sizes and all(b >= 1 for b in p.batch_sizes) and p.min_calls >= 1, name
+        assert set(p.stages) <= set(STAGES), name
+        for backend, precision in p.backends:
+            assert precision in BACKENDS[backend].precisions, (name, backend, precision)
+    assert preset("cpu").backends == (("torch", "fp32"), ("torch", "bf16"), ("onnx-cpu", "fp32"), ("onnx-cpu", "int8"))
+    with pytest.raises(PickScoreError, match="known: cpu, cpu-e2e"):
+        preset("fastest")

@@ -10,8 +10,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from helpers import run_cli
 from pickscore_runtime.artifacts import Artifacts
+
+pytestmark = pytest.mark.integration
 
 
 def export_args(model_dir, out, *extra) -> list[str]:

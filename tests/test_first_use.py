@@ -16,6 +16,8 @@ import pytest
 
 from helpers import run_cli
 
+pytestmark = pytest.mark.integration  # the CLI and the API in fresh processes
+
 
 def hub_repo(cache: Path, repo: str, commit: str, source_dir: Path, seed: int) -> Path:
     """A Hugging Face cache entry for `repo` whose main branch points at `commit`: a trained-looking tiny
@@ -113,7 +115,7 @@ def test_auto_without_a_gate_record_serves_fp32_and_an_explicit_precision_is_hon
             assert scorer.backend.precision == "int8"
 
 
-def test_a_moved_hub_branch_is_a_new_export_and_the_manifest_pins_the_commit(shared_model, tiny_model_dir, tmp_path):
+def test_a_moved_hub_branch_is_a_new_export_and_the_manifest_pins_the_commit(pickscore_files, tiny_model_dir, tmp_path):
     hub = tmp_path / "hub"
     commit_a, commit_b = "a" * 40, "b" * 40
     hub_repo(hub, "pickscore-test/tiny", commit_a, tiny_model_dir, seed=1)

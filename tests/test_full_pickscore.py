@@ -1,5 +1,5 @@
-"""The full PickScore architecture (ViT-H-14, random weights from ../shared/models/pickscore_v1), through
-the path a user takes: `pickscore score --model DIR --random-init` on a CPU exports fp32 + int8, gates
+"""The full PickScore architecture (ViT-H-14, random weights from the config the package ships), through
+the path a user takes: `pickscore score --random-init` (the default model) on a CPU exports fp32 + int8, gates
 int8 with gate v3 against the PyTorch reference, and serves int8 only because it passed. fp32 is then
 judged by the same gate (max |Δscore| <= 1e-3, whole rankings identical). ~20 minutes and ~12 GB on 2
 cores; runs in CI. fp16 and the stress weights are judged by `pickscore verify` at full size in
@@ -19,7 +19,7 @@ from helpers import run_cli
 pytestmark = pytest.mark.slow
 
 
-def test_main_command_exports_gates_and_serves_int8_and_fp32_stays_exact(shared_model, tmp_path_factory):
+def test_main_command_exports_gates_and_serves_int8_and_fp32_stays_exact(tmp_path_factory):
     from pickscore_export.samples import synthetic_image
     from pickscore_export.verify import verify_precisions
     from pickscore_models import model_info
@@ -31,9 +31,9 @@ def test_main_command_exports_gates_and_serves_int8_and_fp32_stays_exact(shared_
     cache = tmp / "cache"
     t0 = time.perf_counter()
     references = tmp / "references"  # the gate at export runs the reference once; fp32's verify reuses it
-    out = run_cli("score", "--model", str(shared_model), "--random-init", "--json", "--prompt", "a cat astronaut",
-                  *map(str, images), env={"PICKSCORE_CACHE_DIR": str(cache), "PICKSCORE_REFERENCE_CACHE": str(references)},
-                  timeout=3600)
+    # no --model: the default, PickScore, built from the config the package ships
+    out = run_cli("score", "--random-init", "--json", "--prompt", "a cat astronaut", *map(str, images),
+                  env={"PICKSCORE_CACHE_DIR": str(cache), "PICKSCORE_REFERENCE_CACHE": str(references)}, timeout=3600)
     first_use_s = time.perf_counter() - t0
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
     print(f"\nFULL_FIRST_USE seconds={first_use_s:.0f} peak_rss_gb={peak_gb:.1f}\n{out.stderr}")

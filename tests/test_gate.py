@@ -11,6 +11,8 @@ import pytest
 
 from pickscore_export.gate import compare_scores, failures, margins, spearman, stability
 
+pytestmark = pytest.mark.integration
+
 
 def as_pairs(*score_lists):
     out = []

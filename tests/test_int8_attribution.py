@@ -1,6 +1,10 @@
-"""benchmarks/int8_attribution.py ranks int8 plans by emulating them in PyTorch; its weight and activation
-quantisers must be ONNX Runtime's, or its rankings mean nothing. Checked against quantize_dynamic's own
-weights for every scheme, and against DynamicQuantizeLinear run by ONNX Runtime."""
+"""benchmarks/experiments/int8_attribution.py ranked int8 plans by emulating them in PyTorch (the experiment
+behind the shipped int8 plan: benchmarks/experiments/README.md); its weight and activation quantisers must
+be ONNX Runtime's, or its rankings mean nothing. Checked against quantize_dynamic's own weights for every
+scheme of export/onnx_export.WEIGHT_SCHEMES, and against DynamicQuantizeLinear run by ONNX Runtime, so a
+change to either that would invalidate the recorded ranking (or a rerun) fails here.
+
+The script stays with its experiment (it is not product code) and is loaded by path, as a script."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def attribution():
-    spec = importlib.util.spec_from_file_location("int8_attribution", REPO / "benchmarks" / "int8_attribution.py")
+    spec = importlib.util.spec_from_file_location("int8_attribution", REPO / "benchmarks" / "experiments" / "int8_attribution.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

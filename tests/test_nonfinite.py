@@ -257,6 +257,7 @@ def test_ray_stages_make_nonfinite_scores_image_errors(poisoned, picks, clean):
     pytest.importorskip("ray.data")
     import pyarrow as pa
 
+    from pickscore_runtime import ScorerOptions
     from pickscore_runtime.scale import sources
     from pickscore_runtime.scale.stages import IMAGE_ERROR, SCORE, ImageScorer, mark_rows, prepare_images, rank_comparison
 
@@ -272,7 +273,7 @@ def test_ray_stages_make_nonfinite_scores_image_errors(poisoned, picks, clean):
     prepared = prepare_images(table, manifest["preprocessing"], {}, "/")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        actor = ImageScorer(str(poisoned), {"backend": "onnx-cpu", "precision": "fp32", "hash_check": "size"})
+        actor = ImageScorer(str(poisoned), ScorerOptions(backend="onnx-cpu", precision="fp32", hash_check="size"))
     scored = actor(prepared)
     assert scored.column(SCORE).to_pylist()[1] is None and scored.column(SCORE).to_pylist()[3] is None
     reasons = scored.column(IMAGE_ERROR).to_pylist()

@@ -19,6 +19,7 @@ import pytest
 from helpers import mounted_tmpfs, run_cli
 from pickscore_export.samples import synthetic_image
 
+pytestmark = pytest.mark.integration
 N_ROWS = 1200
 COMMIT = "40"
 

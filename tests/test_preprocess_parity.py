@@ -19,13 +19,13 @@ MODES = ["RGB", "L", "LA", "RGBA", "P", "P-transparent", "CMYK", "I;16", "F", "1
 
 
 @pytest.fixture(scope="module")
-def processors(shared_model):
+def processors(pickscore_files):
     from transformers import CLIPImageProcessorPil
 
     from pickscore_export.source import read_preprocessing
 
-    ours = Preprocessor(PreprocessConfig.from_json(read_preprocessing(shared_model)))
-    return CLIPImageProcessorPil.from_pretrained(shared_model), ours
+    ours = Preprocessor(PreprocessConfig.from_json(read_preprocessing(pickscore_files)))
+    return CLIPImageProcessorPil.from_pretrained(pickscore_files), ours
 
 
 def reference_pixels(ref, img) -> np.ndarray:

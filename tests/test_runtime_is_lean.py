@@ -8,24 +8,16 @@ import subprocess
 import sys
 import textwrap
 
-HEAVY = ("torch", "transformers", "pickscore_export", "ray", "tensorrt", "cuda", "fastapi", "uvicorn", "starlette",
-         "matplotlib", "pyarrow", "cupy")
+from lean_imports import BLOCK_HEAVY, HEAVY
 
 
-def run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-W", "ignore", "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=300)
+def run(code: str, prelude: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "ignore", "-c", prelude + textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_scoring_imports_nothing_optional(tiny_artifacts, sample_images, tmp_path):
     out = run(f"""
-        import sys, importlib.abc
-        HEAVY = {HEAVY!r}
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in HEAVY:
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
         from pickscore_runtime import PickScorer
         from pickscore_runtime import cli
         from pickscore_runtime.cli import main
@@ -46,7 +38,7 @@ def test_scoring_imports_nothing_optional(tiny_artifacts, sample_images, tmp_pat
         bad = [m for m in sys.modules if m.split(".")[0] in HEAVY]
         assert not bad, bad
         print("LEAN_OK")
-    """)
+    """, prelude=BLOCK_HEAVY)  # importing any HEAVY module fails
     assert out.returncode == 0 and "LEAN_OK" in out.stdout, out.stderr[-3000:]
 
 

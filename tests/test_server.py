@@ -32,6 +32,8 @@ from PIL import Image
 from pickscore_runtime.errors import ImageError
 from pickscore_runtime.server import PickScoreClient, RewardError, ServerError, ServerReward
 
+pytestmark = pytest.mark.integration
+
 # fp32 scores move by ~1e-6 with a batch's composition (ONNX Runtime's kernels block differently per
 # batch size); anything beyond this would be a real difference.
 ATOL = 2e-5

@@ -94,8 +94,12 @@ def test_fast_mode_is_close_not_exact(tiny_scorer):
     exact = tiny_scorer.score_tensors("a cat", torch.from_numpy(u8))
     fast = tiny_scorer.score_tensors("a cat", torch.from_numpy(u8), mode="fast")
     host_fast = tiny_scorer.score_tensors("a cat", u8, mode="fast")
-    assert not np.array_equal(exact, fast) and np.abs(exact - fast).max() < 0.5
-    assert np.abs(exact - host_fast).max() < 0.5
+    # Measured max |score diff| on these 3 images (tiny random CLIP, onnx-cpu fp32, torch 2.13 CPU; AMD EPYC,
+    # flags sse4_2 avx avx2 fma f16c, no AVX-512): torch fast 0.0022; host fast 0.0 (PIL's reducing_gap=2 only
+    # box-reduces from a 4x downscale; this one is 3.4x). Bound: ~2x the torch figure, for both. (README's 0.066
+    # is the full-size model on the worst images, not this test.)
+    assert not np.array_equal(exact, fast) and np.abs(exact - fast).max() < 0.005
+    assert np.abs(exact - host_fast).max() < 0.005
 
 
 @pytest.mark.parametrize("make,message", [

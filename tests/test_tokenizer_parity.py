@@ -32,12 +32,12 @@ def prompt_corpus() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tokenizers(shared_model):
+def tokenizers(pickscore_files):
     from transformers import AutoTokenizer
 
-    reference = AutoTokenizer.from_pretrained(shared_model)
+    reference = AutoTokenizer.from_pretrained(pickscore_files)
     assert reference.is_fast
-    ours = ClipTokenizer(shared_model / "tokenizer.json", max_length=77, pad_token="<|endoftext|>")
+    ours = ClipTokenizer(pickscore_files / "tokenizer.json", max_length=77, pad_token="<|endoftext|>")
     return reference, ours
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -147,14 +148,45 @@ def test_folders_list_what_they_cannot_score_and_nothing_is_an_error(tmp_path):
         expand_images([str(tmp_path / "*.webp")])
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any directory")
 def test_unreadable_subfolder_is_listed(tmp_path):
-    locked = tmp_path / "imgs" / "locked"
+    import shutil
+    import tempfile
+
+    # Root reads any directory: as root, the listing runs in a forked child that has dropped to `nobody`
+    # (the modules are already loaded, so the child reads no file but the folder under test).
+    base = Path(tempfile.mkdtemp()) if os.geteuid() == 0 else tmp_path
+    base.chmod(0o755)
+    locked = base / "imgs" / "locked"
     locked.mkdir(parents=True)
-    (tmp_path / "imgs" / "a.png").write_bytes(b"x")
+    (base / "imgs" / "a.png").write_bytes(b"x")
     locked.chmod(0)
     try:
-        selection = expand_images([str(tmp_path / "imgs")])
+        problems = list_as_nobody(lambda: expand_images([str(base / "imgs")]).problems) if os.geteuid() == 0 \
+            else expand_images([str(base / "imgs")]).problems
     finally:
         locked.chmod(0o755)
+        if base != tmp_path:
+            shutil.rmtree(base)
+    selection = type("Selection", (), {"problems": problems})
     assert "cannot read directory" in selection.problems[str(locked)]
+
+
+def list_as_nobody(listing):
+    """listing() in a forked child running as user 65534; its result comes back pickled through a pipe."""
+    import pickle
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root, list, report, exit without running the parent's cleanup
+        try:
+            os.close(read)
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write, pickle.dumps(listing()))
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return pickle.loads(data)

@@ -9,18 +9,20 @@ Each step is a subprocess of the public CLI with its own time limit inside the b
   gpu-tests  pytest -m gpu tests/test_gpu.py: the tiny CLIP on this GPU (every GPU backend against the
              reference, device arrays bound in place, copy/compute overlap, CUDA graphs, engine records
              and refusals); runs beside the export
-  export     the full PickScore architecture, fp32 + fp16 (random weights from ../shared/models/pickscore_v1
+  export     the full PickScore architecture, fp32 + fp16 (random weights from the PickScore config the package ships
              unless --model), reused from --workdir when already there
   engines    `pickscore engine build` (TensorRT): fp16, batch 1-256 tuned for 128, timing cache kept
   verify     `pickscore verify` for every available GPU backend against the fp32 reference (on this GPU
              with TF32 off where verify offers --reference-device, else on the CPU: the report says which)
-  bench      `pickscore bench`: vision, text, e2e on JPEG and PNG folders, batch 16-256, TensorRT and
-             onnx-cuda against torch-cuda fp16 and the fp32 model-card code, with GPU memory per row
+  bench      `pickscore bench` with the `gpu` preset (pickscore_runtime.bench.PRESETS): vision, text, e2e on
+             JPEG and PNG folders, tensors in, batch 16-256, TensorRT and onnx-cuda against torch-cuda fp16
+             and the fp32 model-card code, with GPU memory per row; a cell that fails (out of memory at a
+             large batch) is an error row, and the rest is measured
 
-Results go to benchmarks/results/gpu-<gpu name>/ (acceptance.json, acceptance.md, bench.json/.md/.png,
-verify-*.json, logs/). Without a usable NVIDIA GPU it says there is nothing to do on GPU, writes a
-small JSON naming what it skipped and why, and exits 0. Exit 1 when a step fails or a gate fails.
-Needs no network (HF_HUB_OFFLINE=1).
+Results go to benchmarks/results/<UTC date>-<gpu name>/ (acceptance.json with the commit, command and
+machine, acceptance.md, bench.json/.md/.png, verify-*.json, logs/). Without a usable NVIDIA GPU it says
+there is nothing to do on GPU, writes a small JSON naming what it skipped and why, and exits 0. Exit 1
+when a step fails, a gate fails or a bench cell fails. Needs no network (HF_HUB_OFFLINE=1).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -39,12 +41,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pickscore_runtime.bench import PRESETS
+from pickscore_runtime.machine import code_version, machine_info
+
 REPO = Path(__file__).resolve().parents[2]
 GPU_BACKENDS = ("tensorrt", "onnx-cuda", "torch-cuda")
 # What each GPU backend is checked in: its GPU precision plan (onnx-cuda also fp32, which must be exact).
 VERIFY = {"tensorrt": "fp16", "onnx-cuda": "fp16,fp32", "torch-cuda": "fp16"}
-BENCH = {"tensorrt": ["tensorrt:fp16"], "onnx-cuda": ["onnx-cuda:fp16"], "torch-cuda": ["torch-cuda:fp16", "torch-cuda:fp32"]}
-BENCH_BATCHES = "16,64,128,256"
+# What is benched: the `gpu` preset of `pickscore bench`, less the backends this machine cannot run.
+PRESET = PRESETS["gpu"]
+BENCH = {b: [f"{n}:{p}" for n, p in PRESET.backends if n == b] for b in GPU_BACKENDS}
+BENCH_BATCHES = ",".join(str(b) for b in PRESET.batch_sizes)
 ENGINE_MAX_BATCH, ENGINE_OPT_BATCH = 256, 128
 # Targets on one H100 (not results): TensorRT fp16 vision throughput at batch >= 128, and its ratio to
 # torch-cuda fp16 at the same batch. The fp16 dense limit is ~2,950 img/s (334.6 GFLOP per image).
@@ -192,10 +199,11 @@ def plan(args: argparse.Namespace, runnable: list[str], out: Path, reference_dev
         skipped.append({"what": "bench baselines (torch-cuda fp16, fp32 model card code)",
                         "why": "torch cannot use the GPU here; the bench has no baseline to compare with"})
     if specs:
+        stages = [s for s in PRESET.stages if torch_gpu or not s.startswith("tensors-")]
         bench = cli("bench", "--artifacts", artifacts, "--backends", ",".join(specs), "--batch-sizes", BENCH_BATCHES,
-                    "--stages", "vision,text,e2e,e2e-png" + (",tensors-exact,tensors-fast" if torch_gpu else ""),
-                    "--e2e-images", "256", "--min-calls", "3",
-                    "--min-seconds", "0.5", "--output", str(out / "bench.json"), "--markdown", str(out / "bench.md"))
+                    "--stages", ",".join(stages), "--e2e-images", str(PRESET.e2e_images), "--min-calls", str(PRESET.min_calls),
+                    "--min-seconds", str(PRESET.min_seconds), "--output", str(out / "bench.json"),
+                    "--markdown", str(out / "bench.md"))
         if have_matplotlib:
             bench += ["--plot", str(out / "bench.png")]
         else:
@@ -299,7 +307,8 @@ def verify_summary(out: Path, runnable: list[str]) -> list[dict[str, Any]]:
 def targets(bench: dict[str, Any] | None, gpu: dict[str, Any]) -> list[dict[str, Any]]:
     if not bench:
         return [{"target": "TensorRT fp16 vision", "status": "not measured", "why": "no bench result"}]
-    vision = {(r["backend"], r["precision"], r["batch_size"]): r["items_per_s"] for r in bench["rows"] if r["stage"] == "vision"}
+    vision = {(r["backend"], r["precision"], r["batch_size"]): r["items_per_s"] for r in bench["rows"]
+              if r["stage"] == "vision" and not r.get("error")}
     trt = {b: v for (n, p, b), v in vision.items() if (n, p) == ("tensorrt", "fp16") and b >= TARGET_BATCH}
     if not trt:
         return [{"target": "TensorRT fp16 vision", "status": "not measured", "why": "TensorRT did not run"}]
@@ -314,6 +323,12 @@ def targets(bench: dict[str, Any] | None, gpu: dict[str, Any]) -> list[dict[str,
                 "met": (ratio >= TARGET_RATIO if ratio else None) if applies else None,
                 "note": note or ("" if torch16 else "torch-cuda fp16 was not measured")})
     return out
+
+
+def bench_errors(bench: dict[str, Any] | None) -> list[str]:
+    """The bench cells that failed (an error row each), as 'backend/precision stage batch N: error'."""
+    return [f"{r['backend']}/{r['precision']} {r['stage']} batch {r['batch_size']}: {r['error']}"
+            for r in (bench or {}).get("rows", []) if r.get("error")]
 
 
 def number(x: Any, fmt: str = ".3g") -> str:
@@ -335,6 +350,8 @@ def markdown(report: dict[str, Any], out: Path) -> str:
         lines.append(f"\nReference: {report['reference_device']}.\n")
     if (out / "bench.md").is_file():
         lines += ["## Bench", "", (out / "bench.md").read_text()]
+    if report.get("bench_errors"):
+        lines += ["Bench cells that failed:", ""] + [f"- {e}" for e in report["bench_errors"]] + [""]
     lines += ["## Targets (one H100)", ""] + [f"- {t['target']}: {t.get('measured')} (batch {t.get('batch')}), met: "
                                               f"{t.get('met')} {t.get('note', '') or t.get('why', '')}" for t in report["targets"]]
     return "\n".join(lines) + "\n"
@@ -345,18 +362,19 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="trained weights (hub id or folder); default: random weights from "
-                                                 "../shared/models/pickscore_v1 (no network)")
+                                                 "the PickScore config the package ships (no network)")
     p.add_argument("--workdir", type=Path, default=cache_root() / "gpu-acceptance",
                    help="where the artifacts and engines are kept between runs (default: the user cache)")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/gpu-<gpu name>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder (default benchmarks/results/<UTC date>-<gpu name>, or <UTC date>-no-gpu)")
     p.add_argument("--budget-s", type=float, default=570, help="time budget for all steps (default 570: 10 minutes with margin)")
     p.add_argument("--strict-targets", action="store_true", help="exit 1 when an H100 target is missed")
     args = p.parse_args(argv)
     args.trained = args.model is not None
     if args.model is None:
-        from pickscore_export.tiny import shared_model_dir
+        from pickscore_models import pickscore_v1_dir
 
-        args.model = str(shared_model_dir())
+        args.model = str(pickscore_v1_dir())
     t0 = time.monotonic()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     say = lambda msg: print(f"[acceptance {time.monotonic() - t0:5.0f} s] {msg}", flush=True)  # noqa: E731
@@ -364,11 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     reasons = available_backends()
     runnable = [b for b in GPU_BACKENDS if reasons[b] is None]
     gpu = gpu_info() if runnable else None
-    out = args.out or REPO / "benchmarks" / "results" / f"gpu-{slug(gpu['name']) if gpu else 'none'}"
+    out = args.out or REPO / "benchmarks" / "results" / f"{started[:10]}-{slug(gpu['name']) if gpu else 'no-gpu'}"
     out.mkdir(parents=True, exist_ok=True)
     skipped = [{"what": b, "why": reasons[b]} for b in GPU_BACKENDS if reasons[b] is not None]
-    base = {"started_utc": started, "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                                                 "cpus": os.cpu_count()}, "gpu": gpu, "budget_s": args.budget_s}
+    base = {"started_utc": started, "code": code_version(), "command": shlex.join(sys.argv), "cwd": os.getcwd(),
+            "machine": machine_info(None), "gpu": gpu, "budget_s": args.budget_s}
     if not runnable:
         report = {**base, "mode": "nothing to do on GPU", "passed": True, "seconds": round(time.monotonic() - t0, 1),
                   "skipped": skipped, "steps": []}
@@ -398,9 +416,10 @@ def main(argv: list[str] | None = None) -> int:
               "reference_device": "cuda (TF32 off)" if reference_device else
               "cpu: this verify has no --reference-device, so the fp32 reference ran on the CPU",
               "steps": [asdict(r) for r in results], "verify": verify, "targets": targets(bench, gpu or {}),
-              "seconds": round(time.monotonic() - t0, 1)}
+              "bench_errors": bench_errors(bench), "seconds": round(time.monotonic() - t0, 1)}
     failed = [r.name for r in results if r.status in ("failed", "timeout")] + \
-             [f"verify {v['backend']}/{v['precision']}" for v in verify if not v["passed"]]
+             [f"verify {v['backend']}/{v['precision']}" for v in verify if not v["passed"]] + \
+             [f"bench {e.split(':', 1)[0]}" for e in report["bench_errors"]]
     missed = [t["target"] for t in report["targets"] if t.get("met") is False]
     report["failed"], report["targets_missed"] = failed, missed
     report["passed"] = not failed and not (args.strict_targets and missed)

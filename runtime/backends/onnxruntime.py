@@ -7,13 +7,15 @@ off on the GPU: fp32 means fp32, as in the reference."""
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
 import numpy as np
 
 from ..artifacts import Artifacts
 from ..device_arrays import device_view, is_device_array
 from ..errors import BackendUnavailableError
+from ..optional import require_onnxruntime
+from ..ort_sessions import session_options
 from ..towers import TOWERS
 from .base import BackendBase
 from .onnxruntime_io import BoundRunner, BucketedRunner, GraphRunner, default_buckets
@@ -25,9 +27,7 @@ PROVIDERS = {
 
 
 def available_providers() -> list[str]:
-    import onnxruntime
-
-    return onnxruntime.get_available_providers()
+    return require_onnxruntime().get_available_providers()
 
 
 def cuda_provider_missing() -> str | None:
@@ -35,9 +35,9 @@ def cuda_provider_missing() -> str | None:
     have = available_providers()
     if "CUDAExecutionProvider" in have:
         return None
-    return (f"this onnxruntime build has no CUDAExecutionProvider (has: {', '.join(have)}); install onnxruntime-gpu "
-            "instead of onnxruntime: pip install 'pickscore-runtime[gpu]', then pip uninstall -y onnxruntime onnxruntime-gpu "
-            "and pip install onnxruntime-gpu (both wheels provide the same module, so the CPU one must go)")
+    return (f"this onnxruntime build has no CUDAExecutionProvider (has: {', '.join(have)}); replace it with the GPU "
+            "build: pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'pickscore-runtime[gpu]' (both wheels "
+            "provide the same module, so only one may be installed)")
 
 
 def providers(name: str, cuda_graph: bool = False, device_id: int = 0) -> list:
@@ -49,70 +49,58 @@ def providers(name: str, cuda_graph: bool = False, device_id: int = 0) -> list:
     return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or int(os.environ.get("PICKSCORE_THREADS", 0)) or 0
-    # ORT's own graph fusions are on; `pickscore verify` gates exactly this session configuration.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return options
-
-
 class OnnxRuntimeBackend(BackendBase):
     def __init__(self, artifacts: Artifacts, name: str, precision: str, batch_size: int, threads: int | None = None,
                  cuda_graphs: bool = False, graph_buckets: tuple[int, ...] | None = None):
-        import onnxruntime as ort
-
+        ort = require_onnxruntime(f"backend {name}")  # MissingExtraError naming [cpu] and [gpu]
         if name not in PROVIDERS:
             raise ValueError(f"unknown ONNX Runtime backend {name!r}; known: {sorted(PROVIDERS)}")
         if PROVIDERS[name][0] not in ort.get_available_providers():
             raise BackendUnavailableError(f"backend {name}: {cuda_provider_missing()}")
         self.name, self.precision, self.batch_size = name, precision, batch_size
         self.device = "cuda" if name == "onnx-cuda" else "cpu"
-        self._specs = artifacts.specs()
+        self.specs = artifacts.specs()
         options = session_options(threads)
         self._sessions = {tower: ort.InferenceSession(str(artifacts.tower_file(tower, precision)), options,
                                                       providers=providers(name)) for tower in TOWERS}
         self._runners = {}  # onnx-cuda: I/O binding; onnx-cpu runs the sessions as they are
         if self.device == "cuda":
-            self._runners = {t: BoundRunner(self._sessions[t], self._specs[t], "cuda") for t in TOWERS}
+            self._runners = {t: BoundRunner(self._sessions[t], self.specs[t], "cuda") for t in TOWERS}
             if cuda_graphs:
                 vision = str(artifacts.tower_file("vision", precision))
-                axis = self._specs["vision"].input.dynamic_axes()[0]
+                axis = self.specs["vision"].input.dynamic_axes()[0]
 
                 def bucket_session(batch: int):
                     fixed = session_options(threads)
                     fixed.add_free_dimension_override_by_name(axis, batch)
                     return ort.InferenceSession(vision, fixed, providers=providers(name, cuda_graph=True))
 
-                buckets = BucketedRunner(bucket_session, self._specs["vision"], graph_buckets or default_buckets(batch_size), "cuda")
+                buckets = BucketedRunner(bucket_session, self.specs["vision"], graph_buckets or default_buckets(batch_size), "cuda")
                 self._runners["vision"] = GraphRunner(buckets, self._runners["vision"])
 
-    def _run(self, tower: str, array: np.ndarray) -> np.ndarray:
+    def _run(self, tower: str, array: Any) -> np.ndarray:
+        """Run one tower on an input the base class has checked."""
         if tower in self._runners:
             return self._runners[tower].run(array)
-        spec = self._specs[tower]
-        spec.input.check(array)
+        spec = self.specs[tower]
         (out,) = self._sessions[tower].run([spec.output.name], {spec.input.name: array})
         return out
 
-    def embed_text(self, input_ids: np.ndarray) -> np.ndarray:
+    def _infer_text(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run("text", input_ids)
 
-    def embed_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        if self.device == "cuda" and is_device_array(pixel_values):
+    def _infer_images(self, pixel_values: Any) -> np.ndarray:
+        if is_device_array(pixel_values):  # only onnx-cuda takes them (BackendBase._takes)
             # bound in place; like any I/O binding, the producer must have finished writing it
             return self._run("vision", device_view(pixel_values))
-        return self._run("vision", np.asarray(pixel_values))
+        return self._run("vision", pixel_values)
 
     def close(self) -> None:
         self._sessions, self._runners = {}, {}
 
 
 def create(artifacts: Artifacts, name: str, precision: str, batch_size: int, threads: int | None = None,
-           cuda_graphs: bool = False, graph_buckets: tuple[int, ...] | None = None, **_: object) -> OnnxRuntimeBackend:
+           cuda_graphs: bool = False, graph_buckets: tuple[int, ...] | None = None) -> OnnxRuntimeBackend:
     """cuda_graphs (onnx-cuda): replay CUDA graphs for the vision tower, one fixed-shape session per
     batch bucket (graph_buckets; default 1, 8 and batch_size), each holding its own copy of the weights."""
     return OnnxRuntimeBackend(artifacts, name, precision, batch_size, threads, cuda_graphs, graph_buckets)

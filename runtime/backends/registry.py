@@ -1,7 +1,7 @@
 """Every backend, declared once as data: where its code lives (imported only when chosen), its device,
 default batch, which precisions it runs and in what order it prefers them, what it is built from, the
-pip extra it needs, and a cheap probe of whether it can run here. `auto`, the CLI's choices, `bench`
-and `verify` all read this table."""
+pip extra it needs, a cheap probe of whether it can run here, and the options its create() takes.
+`auto`, the CLI's choices, `ScorerOptions`, `bench` and `verify` all read this table."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Callable
 from ..artifacts import Artifacts
 from ..errors import BackendUnavailableError, PickScoreError
 from ..gate_records import gate_status
+from ..precisions import EXACT, NAMES
 from .base import Backend
 
 log = logging.getLogger("pickscore")
@@ -35,7 +36,14 @@ def _no_nvidia_gpu() -> str | None:
     return "no NVIDIA GPU found"
 
 
+def _probe_onnx_cpu() -> str | None:
+    # onnxruntime (the [cpu] extra) or onnxruntime-gpu ([gpu]) provide the module; both run on the CPU
+    return "onnxruntime not installed (pip extra [cpu] or [gpu])" if _missing("onnxruntime") else None
+
+
 def _probe_onnx_cuda() -> str | None:
+    if _missing("onnxruntime"):
+        return "onnxruntime-gpu not installed"  # runnable_backend adds its extra, [gpu]
     from .onnxruntime import cuda_provider_missing
 
     return cuda_provider_missing() or _no_nvidia_gpu()  # onnxruntime-gpu lists its provider without a GPU
@@ -60,6 +68,27 @@ def _probe_torch_cuda() -> str | None:
 
 
 @dataclass(frozen=True)
+class BackendOption:
+    """A setting one backend takes beyond the common ones (batch size, threads): declared here, checked by
+    `ScorerOptions` before anything opens, passed only to the backends that declare it."""
+
+    name: str
+    kind: type | tuple[type, ...]  # isinstance check of the value (None is always allowed: the default)
+    about: str
+
+    def check(self, backend: str, value: object) -> None:
+        if value is not None and not isinstance(value, self.kind) and not (self.kind is float and isinstance(value, int)):
+            kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+            raise PickScoreError(f"backend option {self.name} of {backend} takes {' or '.join(k.__name__ for k in kinds)}, "
+                                 f"got {value!r}")
+
+
+CUDA_GRAPHS = BackendOption("cuda_graphs", bool, "replay CUDA graphs for the vision tower (fixed-shape batches)")
+TORCH_OPTIONS = (BackendOption("model_source", object, "where the weights come from (default: the artifacts' own source)"),
+                 BackendOption("clip", object, "an already loaded transformers CLIPModel to run"))
+
+
+@dataclass(frozen=True)
 class BackendInfo:
     name: str
     device: str  # "cpu" | "cuda"
@@ -71,6 +100,7 @@ class BackendInfo:
     extra: str  # the pip extra that brings what it needs
     probe: Callable[[], str | None]  # why it cannot run here, or None
     about: str
+    options: tuple[BackendOption, ...] = ()  # what its create() takes beyond batch size and threads
 
     def unavailable(self) -> str | None:
         return self.probe()
@@ -78,18 +108,24 @@ class BackendInfo:
 
 BACKENDS: dict[str, BackendInfo] = {b.name: b for b in (
     BackendInfo("tensorrt", "cuda", "pickscore_runtime.backends.tensorrt", ("fp16", "fp32"), ("fp16",), 64,
-                "artifacts", "tensorrt", _probe_tensorrt, "TensorRT engines built from the ONNX (NVIDIA GPUs)"),
+                "artifacts", "tensorrt", _probe_tensorrt, "TensorRT engines built from the ONNX (NVIDIA GPUs)",
+                (BackendOption("build", bool, "build a missing engine (minutes); False (--no-build) refuses instead"),
+                 BackendOption("engine_flags", object, "engines.profiles.BuildFlags: load or build exactly these"),
+                 CUDA_GRAPHS, BackendOption("progress", object, "a callable taking the build's progress lines"))),
     BackendInfo("onnx-cuda", "cuda", "pickscore_runtime.backends.onnxruntime", ("fp16", "fp32"), ("fp16", "fp32"), 64,
-                "artifacts", "gpu", _probe_onnx_cuda, "ONNX Runtime, CUDA execution provider"),
+                "artifacts", "gpu", _probe_onnx_cuda, "ONNX Runtime, CUDA execution provider",
+                (CUDA_GRAPHS, BackendOption("graph_buckets", tuple, "with cuda_graphs: the batch sizes captured"))),
     BackendInfo("torch-cuda", "cuda", "pickscore_runtime.backends.torch_backend", ("fp16", "bf16", "fp32"), ("fp16",), 64,
-                "weights", "torch", _probe_torch_cuda, "transformers CLIPModel on the GPU (SDPA), from the weights"),
+                "weights", "torch", _probe_torch_cuda, "transformers CLIPModel on the GPU (SDPA), from the weights",
+                TORCH_OPTIONS),
     BackendInfo("onnx-cpu", "cpu", "pickscore_runtime.backends.onnxruntime", ("fp32", "int8", "fp16"), ("int8", "fp32", "fp16"), 8,
-                "artifacts", "", lambda: None, "ONNX Runtime on the CPU"),
+                "artifacts", "", _probe_onnx_cpu, "ONNX Runtime on the CPU"),
     BackendInfo("torch", "cpu", "pickscore_runtime.backends.torch_backend", ("fp32", "bf16"), ("fp32",), 8,
-                "weights", "torch", _probe_torch, "the model card's PyTorch code on the CPU (fp32; bf16 = autocast)"),
+                "weights", "torch", _probe_torch, "the model card's PyTorch code on the CPU (fp32; bf16 = autocast)",
+                TORCH_OPTIONS),
 )}
 AUTO_ORDER = ("tensorrt", "onnx-cuda", "torch-cuda", "onnx-cpu")
-PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+PRECISIONS = NAMES
 
 
 def backend_info(name: str) -> BackendInfo:
@@ -101,9 +137,6 @@ def backend_info(name: str) -> BackendInfo:
 
 class GateWarning(UserWarning):
     """auto passed over a precision that failed its numerics gate on these artifacts, or was never gated."""
-
-
-EXACT = "fp32"  # the exported reference graph: served without a gate record
 
 
 def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | None, auto: bool = False) -> str:
@@ -139,14 +172,21 @@ def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | 
                                   f"{' (gated)' if auto else ''}, but {artifacts.root} has only {', '.join(have)}")
 
 
+def runnable_backend(name: str) -> BackendInfo:
+    """The named backend, or BackendUnavailableError saying why it cannot run here (a cheap probe: callers
+    ask before an export or a load)."""
+    info = backend_info(name)
+    reason = info.unavailable()
+    if reason:
+        extra = f" (pip extra [{info.extra}])" if info.extra else ""
+        raise BackendUnavailableError(f"backend {name} cannot run here: {reason}{extra}")
+    return info
+
+
 def select_backend(artifacts: Artifacts, name: str = "auto", precision: str | None = None) -> tuple[BackendInfo, str, str]:
     """(backend, precision, why) for a request; `auto` walks AUTO_ORDER and takes the first that can run."""
     if name != "auto":
-        info = backend_info(name)
-        reason = info.unavailable()
-        if reason:
-            extra = f" (pip extra [{info.extra}])" if info.extra else ""
-            raise BackendUnavailableError(f"backend {name} cannot run here: {reason}{extra}")
+        info = runnable_backend(name)
         return info, resolve_precision(artifacts, info, precision), f"{name} as asked"
     skipped = []
     for candidate in AUTO_ORDER:
@@ -164,18 +204,37 @@ def select_backend(artifacts: Artifacts, name: str = "auto", precision: str | No
     raise BackendUnavailableError("no backend can run these artifacts here: " + "; ".join(skipped))
 
 
+def check_backend_options(backend: str, options: dict[str, object]) -> None:
+    """Refuse an option that `backend` does not declare ("auto": that no backend auto may pick declares),
+    or a value of the wrong type, naming the options it does take."""
+    candidates = [BACKENDS[n] for n in AUTO_ORDER] if backend == "auto" else [backend_info(backend)]
+    declared = {o.name: o for info in candidates for o in info.options}
+    for name, value in options.items():
+        if name not in declared:
+            import difflib
+
+            close = difflib.get_close_matches(name, declared, n=1)
+            raise PickScoreError(f"backend {backend} takes no option {name!r}"
+                                 + (f" (did you mean {close[0]!r}?)" if close else "")
+                                 + f"; it takes: {', '.join(sorted(declared)) or 'none'}")
+        declared[name].check(backend, value)
+
+
 def open_backend(info: BackendInfo, artifacts: Artifacts, precision: str, *, batch_size: int | None = None,
                  threads: int | None = None, **options: object) -> Backend:
-    """Open a backend chosen by `select_backend`. `options` go to the backend (model_source for the torch
-    backends, engine options for tensorrt)."""
+    """Open a backend chosen by `select_backend`. Of `options`, those it declares go to it (see
+    `check_backend_options`: an option no candidate declares is refused before this)."""
     if batch_size is not None and batch_size < 1:
         raise PickScoreError(f"batch size must be at least 1, got {batch_size}")
+    declared = {o.name for o in info.options}
     module = importlib.import_module(info.module)
-    return module.create(artifacts, info.name, precision, batch_size or info.default_batch, threads=threads, **options)
+    return module.create(artifacts, info.name, precision, batch_size or info.default_batch, threads=threads,
+                         **{k: v for k, v in options.items() if k in declared})
 
 
 def create_backend(artifacts: Artifacts, name: str = "auto", precision: str | None = None, **options: object) -> Backend:
     """select_backend + open_backend ("auto": the fastest that can run here, logged with the reason)."""
+    check_backend_options(name, {k: v for k, v in options.items() if k not in ("batch_size", "threads")})
     info, precision, why = select_backend(artifacts, name, precision)
     log.info("backend %s", why)
     return open_backend(info, artifacts, precision, **options)

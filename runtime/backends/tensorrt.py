@@ -19,13 +19,13 @@ take a lock, and a slot is reused only after its previous batch has been collect
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from typing import Any, Callable
 
 import numpy as np
 
 from ..artifacts import Artifacts
+from ..console import say as stderr  # the default for a build's progress lines
 from ..cuda_memory import CudaError, DeviceBuffer, Event, Graph, PinnedArray, Stream, cudart, current_device
 from ..device_arrays import DeviceArrayView, device_view, is_device_array
 from ..engines.build import (build_command, engine_key, ensure_engine, load_tensorrt, machine_environment, read_engine,
@@ -38,10 +38,6 @@ from ..towers import TOWERS, TensorSpec, TowerSpec
 from .base import BackendBase
 
 log = logging.getLogger("pickscore")
-
-
-def stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def free_all(*things: Any) -> None:
@@ -159,7 +155,7 @@ class TensorRTBackend(BackendBase):
         env = machine_environment(trt)
         flags = engine_flags or BuildFlags(max_batch=max(DEFAULT_MAX_BATCH, batch_size))
         store = EngineStore(artifacts)
-        specs = artifacts.specs()
+        specs = self.specs = artifacts.specs()
         self.engine_files: dict[str, str] = {}
         try:
             self._runtime = trt.Runtime(trt_logger(trt))
@@ -180,11 +176,10 @@ class TensorRTBackend(BackendBase):
             self.close()
             raise
 
-    # ---- text ---------------------------------------------------------------------------------
-    def embed_text(self, input_ids: np.ndarray) -> np.ndarray:
+    # ---- text (inputs checked by BackendBase) -------------------------------------------------
+    def _infer_text(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(input_ids)
         engine = self._engines_or_closed()["text"]
-        engine.spec.input.check(ids)
         out = []
         with self.lock:
             slot, stream = self._text_slot, self._compute
@@ -197,29 +192,27 @@ class TensorRTBackend(BackendBase):
                 slot.done.record(stream)
                 slot.done.synchronize()
                 out.append(slot.host_out.view((len(chunk), engine.width)).copy())
-        return np.concatenate(out) if out else np.empty((0, engine.width), np.float32)
+        return np.concatenate(out)
 
-    # ---- images -------------------------------------------------------------------------------
-    def embed_images(self, pixel_values: Any) -> np.ndarray:
-        return self.submit_images(pixel_values).result()
+    # ---- images (inputs checked by BackendBase) -----------------------------------------------
+    def _infer_images(self, pixel_values: Any) -> np.ndarray:
+        return self._submit_images(pixel_values).result()
 
-    def submit_images(self, pixel_values: Any) -> PendingBatch | Joined:
+    def _submit_images(self, pixel_values: Any) -> PendingBatch | Joined:
         engine = self._engines_or_closed()["vision"]
         if is_device_array(pixel_values):
-            view = self._device_input(pixel_values, engine)
+            view = self._device_input(pixel_values)
             per_image = view.nbytes // max(view.shape[0], 1)
             parts = [self._submit_device(view, start, min(engine.max_batch, view.shape[0] - start), per_image)
                      for start in range(0, view.shape[0], engine.max_batch)]
         else:
             pixels = np.ascontiguousarray(pixel_values)
-            engine.spec.input.check(pixels)
             parts = [self._submit_host(pixels[start : start + engine.max_batch])
                      for start in range(0, len(pixels), engine.max_batch)]
         return parts[0] if len(parts) == 1 else Joined(parts)
 
-    def _device_input(self, x: Any, engine: TowerEngine) -> DeviceArrayView:
+    def _device_input(self, x: Any) -> DeviceArrayView:
         view = device_view(x, stream=self._compute.handle)  # DLPack: the producer orders its writes on our stream
-        engine.spec.input.check(view)
         if view.device != "cuda" or view.device_id not in (-1, self.cuda_device.index):
             raise PickScoreError(f"pixel_values live on {view.device}:{view.device_id}; this backend runs on "
                                  f"cuda:{self.cuda_device.index}")
@@ -308,7 +301,7 @@ class TensorRTBackend(BackendBase):
 
 def create(artifacts: Artifacts, name: str, precision: str, batch_size: int, threads: int | None = None,
            build: bool = True, engine_flags: BuildFlags | None = None, cuda_graphs: bool = False,
-           progress: Callable[[str], None] | None = None, **_: object) -> TensorRTBackend:
+           progress: Callable[[str], None] | None = None) -> TensorRTBackend:
     """build=False (`--no-build`): refuse instead of building a missing engine. engine_flags: load (or
     build) exactly these; by default any stored engine for this machine whose profile holds batch_size."""
     return TensorRTBackend(artifacts, precision, batch_size, build, engine_flags, cuda_graphs, progress or stderr)

@@ -18,38 +18,19 @@ import torch
 from ..artifacts import Artifacts
 from ..device_arrays import is_device_array
 from ..optional import export_tools
+from ..torch_towers import clip_specs, tower_module
 from .base import BackendBase
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def features(output: Any) -> torch.Tensor:
-    """get_*_features returns a tensor in transformers 4 and a BaseModelOutputWithPooling in 5."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def l2_normalise(x: torch.Tensor) -> torch.Tensor:
-    return x / torch.norm(x, dim=-1, keepdim=True)  # as the model card writes it
-
-
-class ClipTower(torch.nn.Module):
-    """One tower with the runtime's IO contract: text input_ids [B, T] (pooled at argmax(input_ids), the
-    first <|endoftext|>) or vision pixel_values [B, 3, S, S] -> L2-normalised embeddings [B, D], normalised
-    in float32 whatever the compute precision."""
-
-    def __init__(self, clip: Any, tower: str):
-        super().__init__()
-        if tower not in ("text", "vision"):
-            raise ValueError(f"tower must be 'text' or 'vision', got {tower!r}")
-        self.clip, self.tower = clip, tower
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.clip.get_text_features(input_ids=x) if self.tower == "text" else self.clip.get_image_features(pixel_values=x)
-        return l2_normalise(features(out).float())
-
-
-def tower_module(clip: Any, tower: str) -> ClipTower:
-    return ClipTower(clip, tower).eval()
+def as_tensor(x: Any) -> torch.Tensor:
+    """A torch tensor of `x` (numpy, a tensor, a device array), without a copy."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if is_device_array(x):
+        return torch.from_dlpack(x) if hasattr(x, "__dlpack__") else torch.as_tensor(x, device="cuda")
+    return torch.from_numpy(np.asarray(x))
 
 
 class _PendingTensor:
@@ -67,6 +48,7 @@ class TorchBackend(BackendBase):
             raise ValueError(f"torch backends run {', '.join(DTYPES)}, not {precision!r}")
         self.name, self.precision, self.batch_size = name, precision, batch_size
         self.device = "cuda" if name == "torch-cuda" else "cpu"
+        self.specs = clip_specs(clip)  # what BackendBase checks inputs against: the towers' own dims
         if threads:
             torch.set_num_threads(threads)
         if self.device == "cuda":
@@ -86,26 +68,28 @@ class TorchBackend(BackendBase):
         with torch.inference_mode(), autocast:
             return self._towers[tower](x)
 
-    def embed_text(self, input_ids: np.ndarray) -> np.ndarray:
-        return _PendingTensor(self._run("text", torch.from_numpy(np.asarray(input_ids)).to(self.device))).result()
+    # ---- inputs: numpy, torch tensors on any device, other device arrays (checked by BackendBase) ----
+    def _takes(self, tower: str, x: Any) -> bool:
+        return isinstance(x, torch.Tensor) or is_device_array(x)
 
-    def embed_images(self, pixel_values: Any) -> np.ndarray:
-        return self.submit_images(pixel_values).result()
+    def _also_takes(self, tower: str) -> str:
+        return " or a torch tensor (or an array with __dlpack__ / __cuda_array_interface__)"
 
-    def submit_images(self, pixel_values: Any) -> _PendingTensor:
+    def _infer_text(self, input_ids: Any) -> np.ndarray:
+        return _PendingTensor(self._run("text", as_tensor(input_ids).to(self.device))).result()
+
+    def _infer_images(self, pixel_values: Any) -> np.ndarray:
+        return self._submit_images(pixel_values).result()
+
+    def _submit_images(self, pixel_values: Any) -> _PendingTensor:
         return _PendingTensor(self._run("vision", self.input_tensor(pixel_values)))
 
     def input_tensor(self, pixel_values: Any) -> torch.Tensor:
         """pixel_values as the tensor the tower runs on. A tensor already on this device in the compute
         dtype is used as it is (no copy); any other device array (CuPy, JAX: __dlpack__ or
-        __cuda_array_interface__) is wrapped without a copy first; only a dtype or device change copies."""
-        if isinstance(pixel_values, torch.Tensor):
-            x = pixel_values
-        elif is_device_array(pixel_values):
-            x = torch.from_dlpack(pixel_values) if hasattr(pixel_values, "__dlpack__") else torch.as_tensor(pixel_values, device="cuda")
-        else:
-            x = torch.from_numpy(np.asarray(pixel_values))
-        return x.to(self.device, dtype=self._input_dtype, non_blocking=True)
+        __cuda_array_interface__) is wrapped without a copy first; only a dtype or device change copies
+        (float32 input to an fp16 or bf16 tower on the GPU)."""
+        return as_tensor(pixel_values).to(self.device, dtype=self._input_dtype, non_blocking=True)
 
     def synchronize(self) -> None:
         if self.device == "cuda":
@@ -118,7 +102,7 @@ class TorchBackend(BackendBase):
 
 
 def create(artifacts: Artifacts, name: str, precision: str, batch_size: int, threads: int | None = None,
-                 model_source: Any = None, clip: Any = None, **_: object) -> TorchBackend:
+                 model_source: Any = None, clip: Any = None) -> TorchBackend:
     """clip: an already loaded CLIPModel; else the weights of `model_source`, else of the artifacts' own
     source (their manifest records it: hub id, local folder, or random-init seed)."""
     if clip is None:

@@ -1,54 +1,89 @@
-"""`pickscore`: export, score, verify, bench, cache, info.
+"""`pickscore`: export, score, verify, bench, cache, info, serve, engine.
 
 One vocabulary for every command: --artifacts DIR, --backend NAME, --precision P, --batch-size N,
---output FILE. Flags are validated before any export starts. Exit codes: 0 all good; 1 some items
-unscored or verify failed; 2 usage or setup error (one line, no traceback); 3 internal error (the
-traceback only with -v); 130 / 143 stopped by SIGINT / SIGTERM.
+--output FILE; the scorer's settings come from one declaration (`options.ScorerOptions.add_arguments`).
+Flags, extras and backend availability are checked before any export, download or bench starts. Exit
+codes: 0 all good; 1 some items unscored or verify failed; 2 usage or setup error (one line and a hint,
+no traceback); 3 internal error (the traceback only with -v); 130 / 143 stopped by SIGINT / SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import re
 import sys
 import traceback
 import warnings
 from pathlib import Path
 
-from ..artifacts import PRECISION_ORDER
-from ..backends import BACKENDS, PRECISIONS
+from ..argtypes import csv_list, path_or_uri, positive_int
+from ..backends import BACKENDS
 from ..bench import DEFAULT_STAGES as BENCH_DEFAULT_STAGES
+from ..bench import PRESETS as BENCH_PRESETS
 from ..bench import STAGES as BENCH_STAGES
 from ..engines.profiles import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_OPT_LEVEL
 from ..errors import PickScoreError
-from .console import EXIT_INTERNAL, EXIT_USAGE, say
+from ..options import ScorerOptions
+from ..precisions import EXPORTED, NAMES as PRECISIONS
+from ..scorer import DEFAULT_MODEL
+from .console import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, say
 
 log = logging.getLogger("pickscore")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line plus a hint, and close-match suggestions for a misspelt flag
+    or command (reported before whatever else the misspelling made argparse miss)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # an abbreviation that works today breaks when a flag is added
+        super().__init__(*args, **kwargs)
+        self._seen: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
+        self._seen = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def flags(self) -> list[str]:
+        return [o for action in self._actions for o in action.option_strings]
+
+    def error(self, message: str):  # noqa: ANN201 - argparse's signature
+        known = self.flags()
+        has_commands = any(isinstance(a, argparse._SubParsersAction) for a in self._actions)  # noqa: SLF001
+        unknown = None
+        for token in self._seen:
+            if token == "--" or (has_commands and not token.startswith("-")):
+                break  # what follows the command is the command's parser's to judge
+            flag = token.split("=", 1)[0]
+            if flag.startswith("--") and flag not in known:
+                unknown = flag
+                break
+        if unknown is not None:
+            close = difflib.get_close_matches(unknown, known, n=1)
+            message = f"unknown flag {unknown}" + (f" (did you mean {close[0]}?)" if close else "")
+        else:
+            choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+            if choice:
+                options = re.findall(r"'([^']*)'", choice.group(2))
+                close = difflib.get_close_matches(choice.group(1), options, n=1)
+                if close:
+                    message += f"; did you mean {close[0]}?"
+        say(f"{self.prog}: error: {message}")
+        say(f"hint: `{self.prog} --help` lists the flags")
+        self.exit(EXIT_USAGE)
 
 
-def path_or_uri(text: str) -> Path | str:
-    """A local path, or a URI (s3://, gs://, file://...) kept as written: Path would fold its '//'."""
-    return text if "://" in text else Path(text)
-
-
-def csv_list(choices: tuple[str, ...] | None = None):
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if choices is not None and x not in choices]
-        if not items or bad:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices or ())}; got {text!r}")
-        return list(dict.fromkeys(items))
-    return parse
+def once(action_class=argparse._StoreAction):  # noqa: ANN001, ANN201, SLF001 - argparse's own store action
+    """A store action that refuses being given twice (argparse keeps the last one silently)."""
+    class Once(action_class):
+        def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+            if getattr(namespace, f"_given_{self.dest}", False):
+                parser.error(f"{option_string} given twice; one per command")
+            setattr(namespace, f"_given_{self.dest}", True)
+            super().__call__(parser, namespace, values, option_string)
+    return Once
 
 
 def backend_spec(text: str) -> list[tuple[str, str | None]]:
@@ -64,11 +99,13 @@ def backend_spec(text: str) -> list[tuple[str, str | None]]:
     return out
 
 
-def add_source_args(p: argparse.ArgumentParser, default_model: str | None) -> None:
-    p.add_argument("--model", default=default_model, metavar="MODEL",
-                   help="hub id or local Hugging Face folder" + (f" (default {default_model})" if default_model else ""))
+def add_source_args(p: argparse.ArgumentParser, default_model: str | None, group: argparse._ActionsContainer | None = None) -> None:
+    (group or p).add_argument("--model", default=default_model, metavar="MODEL",
+                              help="hub id or local Hugging Face folder" + (f" (default {default_model})" if default_model else
+                                                                             " (default: the artifacts' own source)"))
     p.add_argument("--random-init", action="store_true",
-                   help="build the model from DIR/config.json with seeded RANDOM weights (offline testing only)")
+                   help="build the model from its config with seeded RANDOM weights (offline testing only; the "
+                        "PickScore config ships with the package)")
     p.add_argument("--stress", action="store_true",
                    help="with --random-init: plant trained-ViT-like activation outliers (what makes fp16/int8 fragile)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --random-init (default 0)")
@@ -82,32 +119,30 @@ def add_gate_arg(p: argparse.ArgumentParser) -> None:
                         "`pickscore verify` passes)")
 
 
-def add_backend_args(p: argparse.ArgumentParser, default_backend: str = "auto") -> None:
-    p.add_argument("--backend", default=default_backend, choices=["auto", *BACKENDS],
-                   help=f"inference backend (default {default_backend}; auto = the fastest that can run here, "
-                        f"in the order {' > '.join(n for n in BACKENDS if BACKENDS[n].device == 'cuda')} > onnx-cpu)")
-    p.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="fp32 (exact) | fp16 | int8 | bf16 (torch backends); default: the backend's first that the "
-                        "artifacts carry (with --backend auto on a CPU: int8 when exported)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N", help="CPU threads per backend (default: all cores)")
-    p.add_argument("--hash-check", choices=["full", "size"], default="full",
-                   help="full: check every artifact's SHA-256 on load (default); size: sizes only, faster")
+def add_loudness(p: argparse.ArgumentParser, default: object) -> None:
+    """-v / -q, before the command or after it (a subcommand's default must not undo the top level's)."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="log details (why a backend was chosen), show library warnings and tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="hide warnings (errors are still printed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="pickscore", description="PickScore v1: export, fast scoring, numerics checks")
+    parser = Parser(prog="pickscore", description="PickScore v1: export, fast scoring, numerics checks")
     parser.add_argument("--version", action="version", version=f"pickscore-runtime {__version__}")
-    loud = parser.add_mutually_exclusive_group()
-    loud.add_argument("-v", "--verbose", action="store_true", help="log details, show library warnings and tracebacks")
-    loud.add_argument("-q", "--quiet", action="store_true", help="hide warnings (errors are still printed)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_loudness(parser, default=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    p = sub.add_parser("export", help="export the text and vision towers to ONNX")
-    add_source_args(p, default_model="yuvalkirstain/PickScore_v1")
+    def command(name: str, about: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=about, description=about)
+        add_loudness(p, default=argparse.SUPPRESS)
+        return p
+
+    p = command("export", "export the text and vision towers to ONNX")
+    add_source_args(p, default_model=DEFAULT_MODEL)
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="artifacts directory to create")
-    p.add_argument("--precision", default=["fp32"], type=csv_list(PRECISION_ORDER),
+    p.add_argument("--precision", default=["fp32"], type=csv_list(EXPORTED),
                    help="comma-separated: fp32, fp16, int8 (default fp32)")
     p.add_argument("--force", action="store_true", help="replace an existing artifacts directory (nothing else)")
     add_gate_arg(p)
@@ -115,20 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the int8 vision tower is quantised: default (passes gate v3 on plain and stress weights) "
                         "or fast (~25 %% faster on an AVX2 CPU; fails stress weights narrowly): the gate at export judges either")
 
-    p = sub.add_parser("score", help="score images against prompts")
-    where = p.add_mutually_exclusive_group(required=True)
+    p = command("score", "score images against prompts")
+    where = p.add_mutually_exclusive_group()
     where.add_argument("--artifacts", type=Path, metavar="DIR", help="an exported artifacts directory")
     where.add_argument("--model", metavar="MODEL",
-                       help="hub id or local folder: exported on first use into the user cache with what the backend "
-                            "runs fast (CPU: fp32 + int8; GPU: fp32 + fp16), gated, then reused (needs [export])")
-    p.add_argument("--random-init", action="store_true", help="with --model DIR: RANDOM weights (testing only)")
+                       help=f"hub id or local folder (default {DEFAULT_MODEL}): exported on first use into the user cache "
+                            "with what the backend runs fast (CPU: fp32 + int8; GPU: fp32 + fp16), gated, then reused "
+                            "(needs [export])")
+    p.add_argument("--random-init", action="store_true",
+                   help="RANDOM weights from the model's config (testing only; the PickScore config ships with the package)")
     p.add_argument("--stress", action="store_true", help="with --random-init: plant trained-ViT-like activation outliers")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --random-init (default 0)")
     p.add_argument("--revision", default=None, metavar="REV",
                    help="with --model HUB_ID: the branch, tag or commit (default main; the cache is keyed on the commit)")
     add_gate_arg(p)
     work = p.add_mutually_exclusive_group(required=True)
-    work.add_argument("--prompt", metavar="TEXT", help="score IMAGE... (files, directories, globs) against this prompt")
+    work.add_argument("--prompt", action=once(), metavar="TEXT",
+                      help="score IMAGE... (files, directories, globs) against this prompt")
     work.add_argument("--input", type=path_or_uri, metavar="FILE", help="CSV / JSONL / Parquet with prompt and image (or images) columns, "
                                                  "optional id and group")
     p.add_argument("images", nargs="*", help="image files, directories or quoted globs (with --prompt)")
@@ -138,18 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="keep the rows --output already holds; score only the rest")
     again.add_argument("--overwrite", action="store_true", help="replace an existing --output (atomically, at the end)")
-    add_backend_args(p)
-    p.add_argument("--batch-size", type=positive_int, default=None, metavar="N", help="images per backend call (default: per backend)")
-    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                   help="image decoding threads (default: cores, at most 8); with --ray: scorer actors")
-    p.add_argument("--text-cache", type=Path, default=None, metavar="FILE", help="SQLite file caching text embeddings across runs")
-    p.add_argument("--max-image-pixels", type=positive_int, default=None, metavar="N",
-                   help="refuse images with more pixels than this (default 8192x8192)")
-    p.add_argument("--jpeg-draft", action="store_true",
-                   help="fast decoding, not exact: decode large JPEGs at 1/2-1/8 scale in the DCT domain (README: effect)")
-    p.add_argument("--reducing-gap", type=float, default=None, metavar="G",
-                   help="fast resizing, not exact: PIL's reducing_gap (e.g. 2 or 3; README: effect on scores)")
-    p.add_argument("--json", action="store_true", help="with --prompt: print JSON instead of a table")
+    ScorerOptions.add_arguments(p)
+    p.add_argument("--json", action="store_true",
+                   help="with --prompt: print JSON instead of a table (docs/cli.md: its keys, `skipped` included)")
     p.add_argument("--ray", action="store_true",
                    help="scale out on a Ray cluster: --input SRC (a file or a directory of CSV / JSONL / Parquet / WebDataset "
                         ".tar files) -> --output OUT_DIR (Parquet files); --workers: scorer actors (default one per GPU); "
@@ -157,14 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="with --ray: the cluster to join (default: Ray's own choice)")
     p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                    help="with --ray: GPUs per scorer actor (default 1 where the cluster has GPUs; 0: CPU scorers of --threads cores)")
-    p.add_argument("--no-build", action="store_true",
-                   help="with --backend tensorrt: refuse (exit 2) instead of building a missing engine (which takes minutes)")
 
-    p = sub.add_parser("cache", help="inspect a text-embedding cache file")
+    p = command("cache", "inspect a text-embedding cache file")
     p.add_argument("action", choices=["stats"], help="what to do")
     p.add_argument("path", type=Path, help="the SQLite cache file")
 
-    p = sub.add_parser("verify", help="compare the runtime with the PyTorch reference (needs [export])")
+    p = command("verify", "compare the runtime with the PyTorch reference (needs [export])")
     p.add_argument("--artifacts", required=True, type=Path, metavar="DIR", help="the exported artifacts directory to check")
     add_source_args(p, default_model=None)
     p.add_argument("--images", nargs="*", default=[], help="extra images besides the built-in generated set")
@@ -177,11 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the reference's embeddings here and reuse them when the same model and images come again")
     p.add_argument("--output", type=Path, metavar="FILE", help="also write the report (a list for several precisions) here as JSON")
 
-    p = sub.add_parser("bench", help="benchmark backends side by side on the same inputs")
+    p = command("bench", "benchmark backends side by side on the same inputs")
     p.add_argument("--artifacts", required=True, type=Path, metavar="DIR", help="the exported artifacts directory")
-    p.add_argument("--backends", default=[("onnx-cpu", "fp32")], type=backend_spec,
-                   help="comma-separated backend[:precision], e.g. torch:fp32,torch:bf16,onnx-cpu:int8")
-    p.add_argument("--batch-sizes", default=[1, 4, 8], type=lambda t: [positive_int(x) for x in csv_list()(t)],
+    p.add_argument("--preset", choices=BENCH_PRESETS, default=None,
+                   help="a named scenario (" + "; ".join(f"{k}: {v.about}" for k, v in BENCH_PRESETS.items())
+                        + "); flags given beside it replace its values")
+    p.add_argument("--backends", default=None, type=backend_spec,
+                   help="comma-separated backend[:precision], e.g. torch:fp32,torch:bf16,onnx-cpu:int8 (default onnx-cpu:fp32)")
+    p.add_argument("--batch-sizes", default=None, type=lambda t: [positive_int(x) for x in csv_list()(t)],
                    help="comma-separated batch sizes (default 1,4,8)")
     p.add_argument("--stages", default=None, type=csv_list(BENCH_STAGES),
                    help=f"comma-separated, from {','.join(BENCH_STAGES)} (default {','.join(BENCH_DEFAULT_STAGES)})")
@@ -191,21 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None, metavar="N", help="CPU threads per backend (default: all cores)")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="image decoding threads in the e2e stages (default: cores, at most 8)")
-    p.add_argument("--min-calls", type=positive_int, default=3, metavar="N", help="timed calls per cell at least (default 3)")
-    p.add_argument("--min-seconds", type=float, default=2.0, metavar="S",
+    p.add_argument("--min-calls", type=positive_int, default=None, metavar="N", help="timed calls per cell at least (default 3)")
+    p.add_argument("--min-seconds", type=float, default=None, metavar="S",
                    help="and at least this much timed time per cell (default 2.0)")
     p.add_argument("--sequential", action="store_true",
                    help="open one backend at a time (per-backend peak memory) instead of timing all of them in "
                         "interleaved rounds (honest ratios on a machine whose speed drifts; the default)")
-    p.add_argument("--output", type=Path, metavar="FILE", help="write rows + machine info here as JSON")
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="write rows, commit, command and machine here as JSON (rewritten as each block is measured)")
     p.add_argument("--markdown", type=Path, metavar="FILE", help="write a markdown table here")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG chart here (needs the [bench] extra)")
 
-    p = sub.add_parser("engine", help="build or list TensorRT engines for an artifacts directory")
-    actions = p.add_subparsers(dest="engine_action", required=True, metavar="ACTION")
+    p = command("engine", "build or list TensorRT engines for an artifacts directory")
+    actions = p.add_subparsers(dest="engine_action", required=True, metavar="ACTION", parser_class=Parser)
     e = actions.add_parser("build", help="build one engine per tower for this GPU and TensorRT (needs [tensorrt]; minutes)")
+    add_loudness(e, default=argparse.SUPPRESS)
     e.add_argument("--artifacts", required=True, type=Path, metavar="DIR", help="the exported artifacts directory")
-    e.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
+    e.add_argument("--precision", default="fp16", choices=BACKENDS["tensorrt"].precisions,
                    help="which ONNX towers to build from (default fp16: the GPU precision plan)")
     e.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH, metavar="N",
                    help=f"largest batch the engines take (default {DEFAULT_MAX_BATCH})")
@@ -221,15 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--hash-check", choices=["full", "size"], default="full",
                    help="full: check every artifact's SHA-256 first (default); size: sizes only")
     e = actions.add_parser("list", help="list the recorded engines and whether this machine can load them")
+    add_loudness(e, default=argparse.SUPPRESS)
     e.add_argument("--artifacts", required=True, type=Path, metavar="DIR", help="the exported artifacts directory")
 
-    p = sub.add_parser("serve", help="serve scores over HTTP, batched across requests (needs [server])")
+    p = command("serve", "serve scores over HTTP, batched across requests (needs [server])")
     p.add_argument("--artifacts", required=True, type=Path, metavar="DIR", help="the exported artifacts directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    add_backend_args(p)
-    p.add_argument("--max-batch", type=positive_int, default=None, metavar="N",
-                   help="images per backend call, taken from concurrent requests (default: the backend's batch size)")
+    ScorerOptions.add_arguments(p, batch_flags=("--max-batch", "--batch-size"))
     p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="M",
                    help="at most this long a ready image waits for images still being decoded to fill its batch (default 5)")
     p.add_argument("--max-queue", type=positive_int, default=64, metavar="Q",
@@ -239,10 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a request not answered in S seconds gets 504 (default 300)")
     p.add_argument("--api-key-file", type=Path, default=None, metavar="F",
                    help="require `Authorization: Bearer KEY` with a key from this file (one per line)")
-    p.add_argument("--workers", type=positive_int, default=None, metavar="N", help="image decoding threads (default: cores, at most 8)")
-    p.add_argument("--text-cache", type=Path, default=None, metavar="FILE", help="SQLite file caching text embeddings across runs")
-    p.add_argument("--max-image-pixels", type=positive_int, default=None, metavar="N",
-                   help="refuse images with more pixels than this (default 8192x8192)")
     ray = p.add_argument_group("replicas on Ray Serve (needs [serve-ray])")
     ray.add_argument("--ray", metavar="ADDRESS", default=None,
                      help="run as a Ray Serve deployment: 'local' starts a local Ray, else a cluster address ('auto', ray://...)")
@@ -253,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--ray-object-store-mb", type=positive_int, default=None, metavar="M",
                      help="with --ray local: object store size (default Ray's)")
 
-    p = sub.add_parser("info", help="describe an artifacts directory")
+    p = command("info", "describe an artifacts directory")
     p.add_argument("--artifacts", required=True, type=Path, metavar="DIR", help="the artifacts directory")
     return parser
 
@@ -275,7 +302,13 @@ def _show_warnings(verbose: bool, quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .commands import COMMANDS
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `pickscore`
+        parser.print_help()
+        return EXIT_OK
+    if args.verbose and args.quiet:
+        parser.error("-v and -q contradict each other; give one")
     logging.basicConfig(format="%(message)s", stream=sys.stderr, level=logging.WARNING)
     log.setLevel(logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING)
     saved = warnings.showwarning

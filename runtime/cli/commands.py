@@ -9,20 +9,22 @@ from typing import Any
 from ..artifacts import Artifacts
 from ..errors import InputError
 from ..gate_records import read_gate_records, record_gate_results
-from ..optional import export_tools
+from ..optional import export_tools, require
+from ..scorer import DEFAULT_MODEL
 from .console import EXIT_OK, EXIT_UNSCORED, say
 from .engine import cmd_engine
 from .score import cmd_score
 
 
 def model_source(tools: Any, args: Any):
-    if args.random_init and not args.model:
-        raise InputError("--random-init needs --model DIR (a folder with config.json and the tokenizer files)")
+    """The model a command names (--random-init alone: PickScore's own config, shipped with the package),
+    or None: the artifacts' own source."""
     if args.stress and not args.random_init:
         raise InputError("--stress plants outliers into random weights: it needs --random-init")
-    if args.model is None:
+    model = args.model or (DEFAULT_MODEL if args.random_init else None)
+    if model is None:
         return None
-    return tools.ModelSource(args.model, random_init=args.random_init, seed=args.seed, stress=args.stress,
+    return tools.ModelSource(model, random_init=args.random_init, seed=args.seed, stress=args.stress,
                              revision=args.revision).resolved()
 
 
@@ -59,21 +61,34 @@ def cmd_verify(args: Any) -> int:
 
 
 def cmd_bench(args: Any) -> int:
-    from ..bench import DEFAULT_STAGES, markdown_table, plot, run_bench
+    from ..bench import DEFAULT_STAGES, markdown_table, plot, preset, run_bench
 
+    if args.plot:
+        require("matplotlib", "bench --plot", extra="bench")  # before the bench, not after it
     source = model_source(export_tools("the torch backends", ("torch", "transformers"), "torch"), args) \
         if args.model or args.random_init or args.stress else None
-    result = run_bench(args.artifacts, args.backends, args.batch_sizes, args.stages or DEFAULT_STAGES, model_source=source,
-                       threads=args.threads, workers=args.workers, min_calls=args.min_calls, min_seconds=args.min_seconds, interleave=not args.sequential,
-                       n_jpegs=args.e2e_images, progress=say)
+    chosen = preset(args.preset) if args.preset else None
+
+    def setting(flag: Any, from_preset: Any, default: Any) -> Any:
+        return flag if flag is not None else from_preset if chosen is not None else default
+
+    result = run_bench(
+        args.artifacts, setting(args.backends, chosen and list(chosen.backends), [("onnx-cpu", "fp32")]),
+        setting(args.batch_sizes, chosen and list(chosen.batch_sizes), [1, 4, 8]),
+        setting(args.stages, chosen and list(chosen.stages), DEFAULT_STAGES), model_source=source, threads=args.threads,
+        workers=args.workers, min_calls=setting(args.min_calls, chosen and chosen.min_calls, 3),
+        min_seconds=setting(args.min_seconds, chosen and chosen.min_seconds, 2.0), interleave=not args.sequential,
+        n_jpegs=setting(args.e2e_images, chosen and chosen.e2e_images, None), progress=say, output=args.output)
     table = markdown_table(result)
     print(table)
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:
         args.markdown.write_text(table + "\n")
     if args.plot:
         plot(result, args.plot)
+    failed = [row for row in result["rows"] if row.get("error")]
+    if failed:
+        say(f"{len(failed)} cell(s) failed (error rows in the table); the rest were measured")
+        return EXIT_UNSCORED
     return EXIT_OK
 
 
@@ -85,14 +100,10 @@ def cmd_cache(args: Any) -> int:
 
 
 def cmd_info(args: Any) -> int:
-    from ..artifacts import Artifacts
-
     a = Artifacts.load(args.artifacts, hash_check="size")
-    m = a.manifest
     print(json.dumps({
-        "artifacts": str(a.root), "random_weights": a.random_weights, "source": m["model"]["source"],
-        "precisions": a.precisions, "dims": m["dims"], "logit_scale": m["logit_scale"],
-        "created_utc": m.get("created_utc"), "packages": m.get("packages"),
+        "artifacts": str(a.root), "random_weights": a.random_weights, "source": a.source, "precisions": a.precisions,
+        "dims": a.dims, "logit_scale": a.logit_scale, "created_utc": a.created_utc, "packages": a.packages or None,
     }, indent=2))
     return EXIT_OK
 

@@ -1,12 +1,8 @@
-"""What every command shares with its user: exit codes and messages on stderr (kept apart from the
-parser so that modules the parser reaches, such as the Ray job's command, can use them without a cycle)."""
+"""The CLI's exit codes and `say`: defined once in the neutral `pickscore_runtime.console` (which the server's
+and the Ray job's commands import too) and re-exported here for the CLI's modules."""
 
 from __future__ import annotations
 
-import sys
+from ..console import EXIT_INTERNAL, EXIT_OK, EXIT_UNSCORED, EXIT_USAGE, say
 
-EXIT_OK, EXIT_UNSCORED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+__all__ = ["EXIT_INTERNAL", "EXIT_OK", "EXIT_UNSCORED", "EXIT_USAGE", "say"]

@@ -5,16 +5,21 @@ to resume; a second signal stops at once (committed parts are kept for --resume)
 from __future__ import annotations
 
 import json
+import logging
 import signal
 from typing import Any, Iterable, Iterator
 
-from ..backends import BACKENDS
+from ..backends import runnable_backend
 from ..errors import InputError
+from ..optional import require
+from ..options import ScorerOptions
 from ..pipeline import WorkItem
 from ..results import RANDOM_WEIGHTS_BANNER, PromptResult
 from ..scale.cli import cmd_score_ray
 from ..work_io import InputRow, PartedOutput, Progress, count_images, expand_images, read_rows, read_work, result_rows
 from .console import EXIT_OK, EXIT_UNSCORED, say
+
+log = logging.getLogger("pickscore")
 
 
 class GracefulStop:
@@ -52,8 +57,9 @@ class GracefulStop:
         return 128 + (self.signum or 0)
 
 
-def check_args(args: Any) -> None:
-    """Everything that can be checked before an export or a model load."""
+def check_args(args: Any) -> ScorerOptions:
+    """Everything that can be checked before an export or a model load; the scorer's options."""
+    options = ScorerOptions.from_args(args)
     if args.prompt is not None and not args.images:
         raise InputError("--prompt needs at least one IMAGE (file, directory or glob)")
     if args.input is not None and args.images:
@@ -62,16 +68,20 @@ def check_args(args: Any) -> None:
         raise InputError("--resume and --overwrite go with --output")
     if args.json and args.input is not None:
         raise InputError("--json goes with --prompt; with --input, rows go to stdout as JSONL or to --output")
+    if args.json and args.output is not None:
+        raise InputError("--json prints the comparison; --output writes rows to a file: give one of them")
+    if args.artifacts is not None and args.artifacts.is_file():
+        raise InputError(f"--artifacts {args.artifacts} is a file; it takes the directory `pickscore export` made")
     if args.random_init and args.artifacts is not None:
         raise InputError("--random-init goes with --model; artifacts record their own source")
     if args.stress and not args.random_init:
         raise InputError("--stress plants outliers into random weights: it needs --random-init")
     if args.artifacts is not None and (args.revision is not None or args.no_verify):
         raise InputError("--revision and --no-verify go with --model; artifacts record their own source and gate")
-    if args.reducing_gap is not None and args.reducing_gap < 1.0:
-        raise InputError(f"--reducing-gap must be 1.0 or more, got {args.reducing_gap}")
-    if args.precision and args.backend != "auto" and args.precision not in BACKENDS[args.backend].precisions:
-        raise InputError(f"backend {args.backend} runs {', '.join(BACKENDS[args.backend].precisions)}, not {args.precision}")
+    for flag, path in (("--input", args.input), ("--output", args.output)):
+        if path is not None and str(path).lower().endswith(".parquet") and not args.ray:
+            require("pyarrow", f"{flag} *.parquet", extra="parquet")
+    return options
 
 
 def work_rows(args: Any) -> tuple[Iterator[InputRow], int | None]:
@@ -89,11 +99,13 @@ def work_rows(args: Any) -> tuple[Iterator[InputRow], int | None]:
 
 
 def cmd_score(args: Any) -> int:
-    from ..scorer import PickScorer
+    from ..scorer import DEFAULT_MODEL, PickScorer
 
-    check_args(args)
+    options = check_args(args)
     if args.ray or args.ray_address is not None or args.gpus_per_worker is not None:  # scale-out: imports ray only then
-        return cmd_score_ray(args)
+        return cmd_score_ray(args, options)
+    if args.artifacts is None and options.backend != "auto":
+        runnable_backend(options.backend)  # before the first use's export, not after
     rows, total = work_rows(args)
     output = PartedOutput(args.output, resume=args.resume, overwrite=args.overwrite, part_rows=args.commit_rows,
                           inputs=[args.input] if args.input else []) if args.output else None
@@ -103,23 +115,19 @@ def cmd_score(args: Any) -> int:
             tally.earlier_rows, tally.earlier_errors = output.earlier_rows, output.earlier_errors
             say(f"resuming: {args.output} already holds {len(output.committed)} input row(s); scoring the rest")
             total = max(total - len(output.committed), 0) if total is not None else None
-        options = {"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}
-        if args.no_build:
-            options["build"] = False  # the tensorrt backend's option; the others take none
-        options.update(backend=args.backend, precision=args.precision, batch_size=args.batch_size, workers=args.workers,
-                       threads=args.threads, hash_check=args.hash_check, text_cache_file=args.text_cache,
-                       jpeg_draft=args.jpeg_draft, reducing_gap=args.reducing_gap)
         if args.artifacts is not None:
-            scorer = PickScorer.load(args.artifacts, **options)
+            scorer = PickScorer.load(args.artifacts, options=options)
         else:
-            scorer = PickScorer.from_pretrained(args.model, revision=args.revision, random_init=args.random_init,
-                                                seed=args.seed, stress=args.stress, verify=not args.no_verify,
-                                                progress=say, **options)
+            scorer = PickScorer.from_pretrained(args.model or DEFAULT_MODEL, revision=args.revision,
+                                                random_init=args.random_init, seed=args.seed, stress=args.stress,
+                                                verify=not args.no_verify, progress=say, options=options)
         if scorer.random_weights:
             say(f"WARNING: {RANDOM_WEIGHTS_BANNER}")
         if args.backend == "auto" or args.precision is None:
-            exact = "" if scorer.backend.precision == "fp32" else " (pass --precision fp32 for exact scores)"
-            say(f"using {scorer.backend.name}/{scorer.backend.precision}{exact} ({scorer.backend_choice})")
+            exact = "" if scorer.backend.precision == "fp32" else "; --precision fp32 for exact scores"
+            say(f"using {scorer.backend.name}/{scorer.backend.precision} "
+                f"({'auto' if args.backend == 'auto' else 'its first precision'}{exact})")
+            log.info("backend: %s", scorer.backend_choice)
         progress = Progress(total)
         with scorer, GracefulStop() as stop:
             items = stop.until_stopped(read_work(rows, skip=output.is_committed if output else lambda row: False))
@@ -141,11 +149,13 @@ def cmd_score(args: Any) -> int:
             output = None
         if shown:
             print_prompt_results(shown, args.json)
+            tally.where = "the JSON's error fields" if args.json else "the ERROR lines above"
     except BaseException:
         if output is not None:
             output.abandon()
-            say(f"stopped: the rows committed so far are kept in {output.parts_dir}; "
-                "rerun the same command with --resume to finish")
+            if output.rows_written or output.committed:
+                say(f"stopped: the rows committed so far are kept in {output.parts_dir}; "
+                    "rerun the same command with --resume to finish")
         raise
     say(tally.summary())
     if stop.signum is not None:
@@ -161,6 +171,7 @@ class Tally:
 
     def __init__(self) -> None:
         self.images = self.unscored = self.comparisons = self.earlier_rows = self.earlier_errors = 0
+        self.where = "the error column"  # where a failed item's reason is
 
     def add(self, result: PromptResult) -> None:
         self.comparisons += 1
@@ -170,7 +181,7 @@ class Tally:
     def summary(self) -> str:
         text = f"scored {self.images} image(s) in {self.comparisons} comparison(s)"
         if self.unscored:
-            text += f"; {self.unscored} item(s) could not be scored (see the error column)"
+            text += f"; {self.unscored} item(s) could not be scored (see {self.where})"
         if self.earlier_rows:
             text += f"; kept {self.earlier_rows} row(s) from the earlier run, {self.earlier_errors} of them errors"
         return text

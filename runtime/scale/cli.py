@@ -9,9 +9,10 @@ import signal
 import sys
 from typing import Any
 
-from ..cli.console import EXIT_OK, EXIT_UNSCORED, say
+from ..console import EXIT_OK, EXIT_UNSCORED, say
 from ..errors import InputError, PickScoreError
 from ..optional import require
+from ..options import ScorerOptions
 
 RAY_ONLY = (("ray_address", "--ray-address"), ("gpus_per_worker", "--gpus-per-worker"))
 
@@ -36,21 +37,18 @@ def check_ray_args(args: Any) -> None:
         raise InputError("--json goes with --prompt")
 
 
-def cmd_score_ray(args: Any) -> int:
-    """Score --input into the --output directory on Ray; exit codes as `pickscore score`'s."""
+def cmd_score_ray(args: Any, scorer: ScorerOptions) -> int:
+    """Score --input into the --output directory on Ray with the scorer's options; exit codes as
+    `pickscore score`'s."""
     check_ray_args(args)  # flag mistakes are reported as such, with or without the [ray] extra
     ray = require("ray", "scoring on Ray (--ray)")
     from ..artifacts import Artifacts
     from ..results import RANDOM_WEIGHTS_BANNER
     from .job import JobOptions, ScaleJob
 
-    if Artifacts.load(args.artifacts, hash_check=args.hash_check).random_weights:  # a bad directory: exit 2 now
+    if Artifacts.load(args.artifacts, hash_check=scorer.hash_check).random_weights:  # a bad directory: exit 2 now
         say(f"WARNING: {RANDOM_WEIGHTS_BANNER}")
-    options = JobOptions(os.fspath(args.artifacts), backend=args.backend, precision=args.precision,
-                         max_image_pixels=args.max_image_pixels, jpeg_draft=args.jpeg_draft,
-                         reducing_gap=args.reducing_gap, batch_size=args.batch_size, workers=args.workers,
-                         gpus_per_worker=args.gpus_per_worker, threads=args.threads, hash_check=args.hash_check,
-                         text_cache_file=os.fspath(args.text_cache) if args.text_cache else None,
+    options = JobOptions(os.fspath(args.artifacts), scorer, gpus_per_worker=args.gpus_per_worker,
                          commit_rows=args.commit_rows)
     stopped: list[int] = []
 

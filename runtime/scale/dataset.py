@@ -24,7 +24,7 @@ from typing import Any
 
 from ..artifacts import Artifacts
 from ..errors import InputError
-from ..images import DEFAULT_MAX_IMAGE_PIXELS
+from ..options import ScorerOptions
 from ..optional import require
 from .sources import (COMPARISON, FILE, IMAGE_INDEX, INPUT_COLUMNS, KEY, LOCAL_ROW, InputFiles, WorkBlock, read_input,
                       record_row)
@@ -55,32 +55,28 @@ def cluster_shape(workers: int | None, gpus_per_worker: float | None, threads: i
     return workers, gpus_per_worker, threads
 
 
-def score_images(work: Any, artifacts: str | os.PathLike, *, backend: str = "auto", precision: str | None = None,
-                 batch_size: int | None = None, workers: int | None = None, gpus_per_worker: float | None = None,
-                 threads: int | None = None, hash_check: str = "full", text_cache_file: str | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft: bool = False,
-                 reducing_gap: float | None = None, base_dir: str | None = None) -> Any:
+def score_images(work: Any, artifacts: str | os.PathLike, options: ScorerOptions | None = None, *,
+                 gpus_per_worker: float | None = None, base_dir: str | None = None, **settings: Any) -> Any:
     """Work rows (`read_input`, `work_rows`) -> the same rows with each image's score (`__score`), or why it
     has none (`error` for the row, `__image_error` for the image). Probabilities and ranks are `rank`'s.
-    max_image_pixels, jpeg_draft, reducing_gap: the ImagePreparer's (as `PickScorer.load` takes them).
+    `options` / `settings`: the scorer's, as `PickScorer.load` takes them; here `workers` is the number of
+    scorer actors (default one per GPU) and `threads` each one's cores.
 
     text_cache_file: a SQLite file per node (a node-local path): SQLite's locking does not work over NFS,
     so one file cannot be shared across nodes; each actor keeps its own in-memory LRU regardless."""
-    manifest = Artifacts.load(artifacts, hash_check="size").manifest  # the scorers check hashes themselves
-    workers, gpus_per_worker, threads = cluster_shape(workers, gpus_per_worker, threads)
-    options = {"backend": backend, "precision": precision, "batch_size": batch_size, "threads": threads,
-               "hash_check": hash_check, "text_cache_file": text_cache_file}
+    options = (options or ScorerOptions()).replace(**settings)
+    exported = Artifacts.load(artifacts, hash_check="size")  # the scorers check hashes themselves
+    workers, gpus_per_worker, threads = cluster_shape(options.workers, gpus_per_worker, options.threads)
+    scorer_options = options.replace(threads=threads, workers=None)
     # Decoding is a stage of its own, on every node's CPUs. Its memory reservation (which the scorers do not
     # have) also keeps Ray from fusing it into the scorer actors, where it would decode on a GPU actor's one CPU.
-    crop = int(manifest["preprocessing"]["crop_size"])
     prepared = work.map_batches(prepare_images, batch_format="pyarrow", batch_size=PREPARE_BATCH, num_cpus=1,
-                                memory=decode_memory(max_image_pixels, crop),
-                                fn_kwargs={"preprocessing": manifest["preprocessing"], "base_dir": base_dir or os.getcwd(),
-                                           "preparer_options": {"max_image_pixels": max_image_pixels,
-                                                                "jpeg_draft": jpeg_draft, "reducing_gap": reducing_gap}})
+                                memory=decode_memory(options.decode.max_image_pixels, exported.crop_size),
+                                fn_kwargs={"preprocessing": exported.preprocessing, "base_dir": base_dir or os.getcwd(),
+                                           "preparer_options": options.decode.preparer_options()})
     resources = {"num_gpus": gpus_per_worker, "num_cpus": 1} if gpus_per_worker else {"num_cpus": threads}
-    return prepared.map_batches(ImageScorer, fn_constructor_args=(os.fspath(artifacts), options), batch_format="pyarrow",
-                                batch_size=max(SCORE_BATCH, batch_size or 0), compute=ray.data.ActorPoolStrategy(size=workers),
+    return prepared.map_batches(ImageScorer, fn_constructor_args=(os.fspath(artifacts), scorer_options), batch_format="pyarrow",
+                                batch_size=max(SCORE_BATCH, options.batch_size or 0), compute=ray.data.ActorPoolStrategy(size=workers),
                                 **resources)
 
 
@@ -152,11 +148,11 @@ def work_rows(rows: Any) -> Any:
     return rows.map_batches(_records_to_work, batch_format="pyarrow")
 
 
-def score_dataset(rows: Any, artifacts: str | os.PathLike, **options: Any) -> Any:
+def score_dataset(rows: Any, artifacts: str | os.PathLike, options: ScorerOptions | None = None, **settings: Any) -> Any:
     """Rows to score (from `read_input`, or a caller's Dataset as `work_rows` takes) -> one output row per
     image with score, prob, rank and error, as `pickscore score` writes them. Options as `score_images`."""
     work = rows if KEY in rows.schema().names else work_rows(rows)
-    return rank(score_images(work, artifacts, **options).materialize())
+    return rank(score_images(work, artifacts, options, **settings).materialize())
 
 
 __all__ = ["InputFiles", "rank", "read_input", "score_dataset", "score_images", "work_rows"]

@@ -23,12 +23,13 @@ import json
 import os
 import posixpath
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..artifacts import Artifacts
 from ..errors import InputError
 from ..locks import FileLock, LockedError
+from ..options import ScorerOptions
 from ..optional import require
 from .files import Location, locate
 from .sources import FILE, KEY, LOCAL_ROW, InputFiles, find_input
@@ -49,34 +50,18 @@ class Tally:
         return text + (f"; {self.errors} item(s) could not be scored (see the error column)" if self.errors else "")
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobOptions:
-    """What scores depend on (checked on --resume), then how the work is spread (free to change)."""
+    """The scorer's options (what scores depend on is checked on --resume), then how the work is spread
+    and committed (free to change between runs)."""
 
     artifacts: str
-    backend: str = "auto"
-    precision: str | None = None
-    max_image_pixels: int | None = None
-    jpeg_draft: bool = False
-    reducing_gap: float | None = None
-    batch_size: int | None = None
-    workers: int | None = None
+    scorer: ScorerOptions = field(default_factory=ScorerOptions)  # workers: scorer actors; threads: each one's cores
     gpus_per_worker: float | None = None
-    threads: int | None = None
-    hash_check: str = "full"
-    text_cache_file: str | None = None
     commit_rows: int = 2000  # rows per committed Parquet file (and checkpoint): what a crash can cost at most
 
-    def scoring_options(self) -> dict[str, Any]:
-        """score_images' keyword arguments: every field but where the model is and how output is committed."""
-        chosen = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("artifacts", "commit_rows")}
-        if chosen["max_image_pixels"] is None:  # score_images' own default applies
-            del chosen["max_image_pixels"]
-        return chosen
-
     def identity(self, fingerprint: str) -> dict[str, Any]:
-        return {"artifacts": fingerprint, "backend": self.backend, "precision": self.precision,
-                "max_image_pixels": self.max_image_pixels, "jpeg_draft": self.jpeg_draft, "reducing_gap": self.reducing_gap}
+        return {"artifacts": fingerprint, **self.scorer.identity()}
 
 
 def _ray_path(where: Location) -> str:
@@ -237,7 +222,8 @@ def _score_pass(found: InputFiles, out: OutputDirectory, options: JobOptions) ->
         id_column=KEY, checkpoint_path=_ray_path(out.checkpoint), override_filesystem=out.root.fs,
         delete_checkpoint_on_success=False)
     try:
-        scored = score_images(read_input(found), options.artifacts, base_dir=found.base_dir, **options.scoring_options())
+        scored = score_images(read_input(found), options.artifacts, options.scorer, gpus_per_worker=options.gpus_per_worker,
+                              base_dir=found.base_dir)
         scored.write_parquet(_ray_path(out.scored), filesystem=out.root.fs, min_rows_per_file=options.commit_rows,
                              ray_remote_args=WRITE_ARGS)
     finally:

@@ -6,7 +6,7 @@
   error where a tower returned NaN or Inf (never a NaN score).
 - `mark_rows` + `rank_comparison` (CPU): global row numbers, ids repeated across the input, and the
   comparisons: consecutive valid rows with the same (group, prompt), whatever blocks they were scored
-  in -> probabilities and ranks by the ResultAssembler, rows by `result_rows`, exactly as the CLI makes them.
+  in -> probabilities and ranks by `results.ranked_rows`, rows by `result_rows`, exactly as the CLI makes them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from ..errors import ImageError
 from ..image_preparer import ImagePreparer
 from ..optional import require
 from ..preprocess import PreprocessConfig, Preprocessor
-from ..results import RandomWeightsWarning, ResultAssembler, nonfinite_reasons, prompt_scores
+from ..results import (PromptResult, RandomWeightsWarning, nonfinite_reasons, prompt_scores, ranked_rows,
+                       unscored_rows)
+from ..options import ScorerOptions
 from ..scorer import PickScorer
 from ..work_io import OUTPUT_COLUMNS, InputRow, result_rows
 from ..work_io.inputs import validate_record
@@ -46,13 +48,15 @@ def carried_fields(schema: Any) -> list[Any]:
 _preparers: dict[tuple, tuple[ImagePreparer, RemoteFiles]] = {}  # per worker process, reused across tasks
 
 
-def prepare_images(batch: Any, preprocessing: dict, preparer_options: dict, base_dir: str) -> Any:
+def prepare_images(batch: Any, preprocessing: PreprocessConfig | dict, preparer_options: dict, base_dir: str) -> Any:
     """Work rows -> the same rows with `__pixels` (float32 [3, S, S]; zeros where unusable) and
-    `__image_error` (why an image could not be used), without the image bytes. preparer_options: the
-    ImagePreparer's own (max_image_pixels, and the opt-in fast decoding the CLI offers)."""
-    cache_key = (repr(sorted(preprocessing.items())), repr(sorted(preparer_options.items())))
+    `__image_error` (why an image could not be used), without the image bytes. preprocessing: the artifacts'
+    (`Artifacts.preprocessing`, or its JSON form); preparer_options: the ImagePreparer's own
+    (max_image_pixels, and the opt-in fast decoding the CLI offers)."""
+    config = preprocessing if isinstance(preprocessing, PreprocessConfig) else PreprocessConfig.from_json(preprocessing)
+    cache_key = (config, repr(sorted(preparer_options.items())))
     if cache_key not in _preparers:
-        preparer = ImagePreparer(Preprocessor(PreprocessConfig.from_json(preprocessing)), **preparer_options)
+        preparer = ImagePreparer(Preprocessor(config), **preparer_options)
         _preparers[cache_key] = preparer, RemoteFiles()
     preparer, remote = _preparers[cache_key]
     size = preparer.preprocessor.config.crop_size
@@ -94,10 +98,10 @@ def image_item(name: str, base_dir: str, remote: RemoteFiles) -> Any:
 class ImageScorer:
     """Holds one PickScorer (its backend, TextEncoder and LRU) for the actor's lifetime."""
 
-    def __init__(self, artifacts: str, options: dict[str, Any]):
+    def __init__(self, artifacts: str, options: ScorerOptions):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomWeightsWarning)  # the driver says it, once
-            self.scorer = PickScorer.load(artifacts, **options)
+            self.scorer = PickScorer.load(artifacts, options=options)
         self.scale = self.scorer.artifacts.logit_scale_exp
 
     def __call__(self, batch: Any) -> Any:
@@ -167,12 +171,13 @@ def mark_rows(batch: Any, offsets: list[int], first_row_of: dict[str, int]) -> A
 
 def rank_comparison(group: Any) -> Any:
     """All rows with one comparison key -> output rows: consecutive rows form one comparison (a gap in the row
-    numbers is a bad row or another prompt between them), ranked by the ResultAssembler, written by `result_rows`."""
+    numbers is a bad row or another prompt between them), ranked by `ranked_rows` (the scores already carry the
+    logit scale), written by `result_rows`."""
     records = sorted(group.to_pylist(), key=lambda r: (r["row"], r[IMAGE_INDEX]))  # groups are small: no Arrow sort
     schema = output_schema(group.schema)
     extras = schema.names[len(OUTPUT_COLUMNS):]
     first = records[0]
-    assembler = ResultAssembler(np.float32(1.0), bool(first[RANDOM_WEIGHTS]), "", first[PRECISION] or "")
+    random_weights, precision = bool(first[RANDOM_WEIGHTS]), first[PRECISION] or ""
     runs: list[list[dict]] = []
     for r in records:
         if runs and r["row"] in (runs[-1][-1]["row"], runs[-1][-1]["row"] + 1):
@@ -185,16 +190,17 @@ def rank_comparison(group: Any) -> Any:
         if run[0]["error"] is not None:
             bad = run[0]
             source = InputRow(bad["row"], bad["id"], bad[LINE], bad["prompt"], [], bad["group"], bad["error"])
-            result = assembler.failed(bad["prompt"], [], bad["error"], key=[source])
+            result = PromptResult(bad["prompt"], unscored_rows([]), random_weights, error=bad["error"],
+                                  precision=precision, key=[source])
         else:
             sources: dict[int, InputRow] = {}
             for r in run:
                 sources.setdefault(r["row"], InputRow(r["row"], r["id"], r[LINE], r["prompt"], [], r["group"])).images.append(r["image"])
             names = [r["image"] for r in run]
             scores = np.array([r[SCORE] if r[SCORE] is not None else np.nan for r in run], np.float32)
-            failed = {k: ImageError(r["image"], r[IMAGE_ERROR]) for k, r in enumerate(run) if r[IMAGE_ERROR] is not None}
-            result = assembler.assemble_scores(run[0]["prompt"], names, scores, failed, bool(run[0][TRUNCATED]),
-                                               key=list(sources.values()))
+            failed = {k: r[IMAGE_ERROR] for k, r in enumerate(run) if r[IMAGE_ERROR] is not None}
+            result = PromptResult(run[0]["prompt"], ranked_rows(names, scores, failed), random_weights,
+                                  truncated=bool(run[0][TRUNCATED]), precision=precision, key=list(sources.values()))
         for row in result_rows(result):
             row.update({name: by_row[row["row"]][name] for name in extras})
             out.append(row)

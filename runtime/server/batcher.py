@@ -24,6 +24,7 @@ import numpy as np
 from ..backends.base import Backend, PendingEmbeddings
 from ..errors import ImageError
 from ..image_preparer import ImagePreparer, PreparedImage
+from ..inflight import InFlight
 from ..text_encoder import EncodedPrompts, TextEncoder
 
 
@@ -139,8 +140,7 @@ class MicroBatcher:
 
     # ---- the batcher thread: the only one that calls the backend -------------------------------
     def _run(self) -> None:
-        submitted: deque[tuple[list[_Ready], PendingEmbeddings, float]] = deque()
-        depth = max(1, self.backend.queue_depth)
+        submitted: InFlight[tuple[list[_Ready], float]] = InFlight(self.backend.queue_depth)
         while True:
             with self._cond:
                 while not (self._new or self._ready or submitted or (self._stopping and self._idle())):
@@ -156,9 +156,10 @@ class MicroBatcher:
                 started = time.perf_counter()
                 handle = self._call(batch, lambda: self.backend.submit_images(np.stack([r.pixels for r in batch])))
                 if handle is not None:
-                    submitted.append((batch, handle, started))
-            while submitted and (len(submitted) >= depth or not batch):
-                self._collect(*submitted.popleft())
+                    submitted.put((batch, started), handle)
+            # a new batch leaves the older ones the backend overlaps with it in flight; no new batch: collect all
+            for (done, started), handle in (submitted.due() if batch else submitted.drain()):
+                self._collect(done, handle, started)
 
     def _idle(self) -> bool:
         return not (self._new or self._to_prepare or self._preparing or self._ready)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 from typing import Any, Iterator
 
 from ..artifacts import Artifacts
 from ..backends import select_backend
+from ..console import EXIT_OK, say
 from ..errors import PickScoreError
 from ..optional import require
+from ..options import ScorerOptions
 from ..results import RANDOM_WEIGHTS_BANNER
 from .auth import load_key_digests
 from .config import ServerConfig
@@ -23,20 +24,13 @@ from .config import ServerConfig
 SERVER_MODULES = ("fastapi", "uvicorn", "prometheus_client")
 
 
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def config_from_args(args: Any) -> ServerConfig:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key_file:
         say(f"warning: serving on {args.host} without --api-key-file: anyone who can reach it can use it")
     return ServerConfig(
-        artifacts=str(args.artifacts), backend=args.backend, precision=args.precision, max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
-        request_timeout_s=args.request_timeout_s,
-        api_key_digests=load_key_digests(args.api_key_file) if args.api_key_file else (),
-        workers=args.workers, threads=args.threads, hash_check=args.hash_check,
-        text_cache_file=str(args.text_cache) if args.text_cache else None, max_image_pixels=args.max_image_pixels)
+        artifacts=str(args.artifacts), scorer=ScorerOptions.from_args(args), max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout_s,
+        api_key_digests=load_key_digests(args.api_key_file) if args.api_key_file else ())
 
 
 def cmd_serve(args: Any) -> int:
@@ -44,8 +38,8 @@ def cmd_serve(args: Any) -> int:
         require(module, "pickscore serve", extra="server")
     # What can be checked in a moment is checked before anything listens: the artifacts (sizes; hashes
     # are checked by the load proper) and whether the backend can run here.
-    select_backend(Artifacts.load(args.artifacts, hash_check="size"), args.backend, args.precision)
     config = config_from_args(args)
+    select_backend(Artifacts.load(args.artifacts, hash_check="size"), config.scorer.backend, config.scorer.precision)
     if args.ray:
         from .ray_serve import serve_on_ray
 
@@ -90,7 +84,7 @@ def serve_here(config: ServerConfig, host: str, port: int) -> int:
             raise service.error
         raise PickScoreError(f"could not start: {type(service.error).__name__}: {service.error}")
     say("stopped: every accepted request was answered")
-    return 0
+    return EXIT_OK
 
 
 @contextlib.contextmanager

@@ -2,9 +2,10 @@
 of a Ray cluster, each replica a PickScoreService with its own micro-batcher behind Ray's HTTP proxy.
 
     from ray import serve
+    from pickscore_runtime import ScorerOptions
     from pickscore_runtime.server import ServerConfig
     from pickscore_runtime.server.ray_serve import deployment
-    serve.run(deployment(ServerConfig("/shared/artifacts", backend="onnx-cuda"), replicas=4), route_prefix="/")
+    serve.run(deployment(ServerConfig("/shared/artifacts", ScorerOptions(backend="onnx-cuda")), replicas=4), route_prefix="/")
 
 The artifacts path must be readable on every node that runs a replica. Metrics are per replica.
 """
@@ -42,7 +43,7 @@ class PickScoreReplica:
 
 def replica_resources(config: ServerConfig, cpus: float | None, gpus: float | None) -> tuple[float, float]:
     """(CPUs, GPUs) per replica: a GPU backend takes one GPU and one core by default, a CPU one two cores."""
-    on_gpu = config.backend in BACKENDS and BACKENDS[config.backend].device == "cuda"
+    on_gpu = config.scorer.backend in BACKENDS and BACKENDS[config.scorer.backend].device == "cuda"
     return (cpus if cpus is not None else (1 if on_gpu else 2)), (gpus if gpus is not None else (1 if on_gpu else 0))
 
 
@@ -50,9 +51,9 @@ def deployment(config: ServerConfig, *, replicas: int = 1, cpus: float | None = 
                name: str = "pickscore") -> Any:
     """A bound Ray Serve application of `replicas` PickScore replicas."""
     cpus, gpus = replica_resources(config, cpus, gpus)
-    if config.threads is None and config.workers is None and gpus == 0:
+    if config.scorer.threads is None and config.scorer.workers is None and gpus == 0:
         # a replica's backend and decoders use the cores Ray gave it, not every core of the node
-        config = dataclasses.replace(config, threads=max(1, int(cpus)), workers=max(1, int(cpus)))
+        config = dataclasses.replace(config, scorer=config.scorer.replace(threads=max(1, int(cpus)), workers=max(1, int(cpus))))
     return serve.deployment(
         PickScoreReplica, name=name, num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
         # the replica's own bounded queue answers 503; Ray holds at most as many more in front of it

@@ -61,10 +61,10 @@ class PickScoreService:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RandomWeightsWarning)  # said once, by whoever starts the server
-                scorer = PickScorer.load(self.config.artifacts, **self.config.scorer_options())
+                scorer = PickScorer.load(self.config.artifacts, options=self.config.scorer)
             # The context first: /readyz may describe the service from another thread as soon as `scorer` is set.
             self.context = Context(scorer.assembler, scorer.tokenizer,
-                                   scorer.artifacts.manifest["model"].get("name", "pickscore"), scorer.embed_dim)
+                                   scorer.artifacts.model_name, scorer.embed_dim)
             self.scorer = scorer
             self._pool = ThreadPoolExecutor(scorer.workers, thread_name_prefix="pickscore-decode")
             self.batcher = MicroBatcher(scorer.text, scorer.images, scorer.backend, self._pool,

@@ -2,7 +2,7 @@
 timed in interleaved rounds (batch 1).
 
     pip install openvino   # not a project dependency: this only measures whether it would be worth one
-    python benchmarks/openvino_check.py ARTIFACTS_DIR [--rounds 6] [--json OUT]
+    python benchmarks/experiments/openvino_check.py ARTIFACTS_DIR [--rounds 6] [--json OUT]
 
 ARTIFACTS_DIR must hold fp32 and int8; OpenVINO reads the same fp32 ONNX file. Accuracy: image
 embeddings vs ONNX Runtime fp32 (vision_candidates.py).

@@ -1,6 +1,6 @@
 """Where does the int8 vision tower's error come from, and which plan removes it? Emulation in PyTorch.
 
-    python benchmarks/int8_attribution.py --model DIR --random-init [--stress] [--seed N] --json OUT \
+    python benchmarks/experiments/int8_attribution.py --model DIR --random-init [--stress] [--seed N] --json OUT \
         [--attribute [--keep 1,2,4,8]] [--variants ROLE=MODE[+ROLE=MODE],...] [--check-against ARTIFACTS]
 
 Building one ONNX Runtime int8 tower takes 2-4 minutes at full size, so quantising one block at a time

@@ -1,6 +1,6 @@
 """Compare int8 quantisation variants of the vision tower against its fp32 graph, in one process.
 
-    python benchmarks/int8_variants.py ARTIFACTS_DIR [--variants a,b] [--rounds 6] [--json OUT]
+    python benchmarks/experiments/int8_variants.py ARTIFACTS_DIR [--variants a,b] [--rounds 6] [--json OUT]
 
 Builds each variant from ARTIFACTS_DIR's fp32 vision tower into a temp dir, then times every session
 in interleaved rounds; accuracy is image-embedding agreement with ONNX Runtime fp32

@@ -1,7 +1,7 @@
 """CPU int8 toward the VNNI limit: candidates for the vision tower, measured against what ships, in one
 process, in interleaved rounds.
 
-    python benchmarks/int8_candidates.py ARTIFACTS_DIR [--only a,b] [--batches 1,4] [--rounds 4] [--calib 32] [--json OUT]
+    python benchmarks/experiments/int8_candidates.py ARTIFACTS_DIR [--only a,b] [--batches 1,4] [--rounds 4] [--calib 32] [--json OUT]
 
 ARTIFACTS_DIR holds the fp32 vision tower (and the shipped dynamic int8). Candidates:
 - ort-dynamic:   the artifacts' int8 (since SmoothQuant shipped: smoothed at alpha 0.5, then dynamic)

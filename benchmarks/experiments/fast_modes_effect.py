@@ -1,6 +1,6 @@
 """The effect of the opt-in fast paths on scores, against the exact path, on the same backend (fp32).
 
-    python benchmarks/fast_modes_effect.py ARTIFACTS_DIR [--json benchmarks/results/fast_modes_effect.json]
+    python benchmarks/experiments/fast_modes_effect.py ARTIFACTS_DIR [--json benchmarks/results/DATE-MACHINE/fast_modes_effect.json]
 
 Images: the 18 built-in verify images, plus 8 generated 1024x1024 JPEGs (what diffusion models write;
 the verify set has few images large enough for JPEG draft to act on). Prompts: the 9 verify prompts.

@@ -1,7 +1,7 @@
 """What it costs a CPU core to turn a generator's output file into CLIP pixels (decode + convert + bicubic
 resize + crop + normalise, the runtime's ImagePreparer), and how many cores feed one GPU.
 
-    python benchmarks/decode_cost.py [--n 24] [--json benchmarks/results/decode_cost.json]
+    python benchmarks/experiments/decode_cost.py [--n 24] [--json benchmarks/results/DATE-MACHINE/decode_cost.json]
 
 For 512x512 and 1024x1024 JPEG (quality 90), PNG and WEBP (quality 90) images of generated content, on
 disk: ms per image on one thread; img/s with every core as threads (PIL releases the GIL while it

@@ -2,7 +2,7 @@
 hard-linked, but the fp32 vision tower copied) whose int8 vision tower is derived again from its fp32 tower with that plan and recorded in
 the copy's manifest, then the gate on it (`pickscore verify --precision int8`: the PyTorch reference).
 
-    python benchmarks/gate_int8_plans.py ARTIFACTS --plans SPEC[,SPEC...] --work DIR --json OUT \
+    python benchmarks/experiments/gate_int8_plans.py ARTIFACTS --plans SPEC[,SPEC...] --work DIR --json OUT \
         [--model M] [--random-init [--stress] --seed N]
 
 SPEC: as int8_candidates.py --plans (alpha=0.5/ratio=5/per_channel/reduce_range/...). A fresh
@@ -53,7 +53,7 @@ def copy_with_plan(src: Path, dst: Path, spec: str) -> dict:
     variant["files"] = [file_entry(dst / "vision.int8.onnx", dst)]
     variant["int8_plan"] = options
     variant["smoothquant"] = summary
-    variant["numerics"] = f"int8 plan {spec} (benchmarks/gate_int8_plans.py)"
+    variant["numerics"] = f"int8 plan {spec} (benchmarks/experiments/gate_int8_plans.py)"
     write_manifest(dst, {k: v for k, v in manifest.items() if k not in ("format", "format_version")})
     return summary
 
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--plans", required=True)
     ap.add_argument("--work", type=Path, required=True, help="where the copies go (same filesystem as ARTIFACTS)")
     ap.add_argument("--json", dest="json_out", type=Path, required=True)
-    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "shared" / "models" / "pickscore_v1"))
+    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[3] / "shared" / "models" / "pickscore_v1"))
     ap.add_argument("--random-init", action="store_true")
     ap.add_argument("--stress", action="store_true")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 """Measure the export's GELU reorder (export/onnx_export.reorder_erf_gelu) on a vision tower exported
 without it, in one process, sessions timed in interleaved rounds (batch 1).
 
-    python benchmarks/gelu_reorder_check.py OLD_ARTIFACTS_DIR [--rounds 6] [--json OUT]
+    python benchmarks/experiments/gelu_reorder_check.py OLD_ARTIFACTS_DIR [--rounds 6] [--json OUT]
 
 OLD_ARTIFACTS_DIR: fp32 + int8 artifacts exported before the rewrite existed. Builds the reordered
 fp32 graph and its int8 quantisation in a temp dir; reports speed and embedding agreement of each
