@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .argtypes import positive_float, positive_int
-from .backends.registry import AUTO_ORDER, BACKENDS, check_backend_options
+from .backends.registry import AUTO_ORDER, BACKENDS, backend_info, check_backend_options
 from .errors import PickScoreError
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .precisions import NAMES as PRECISION_NAMES
@@ -65,10 +64,8 @@ class ScorerOptions:
     backend_options: Mapping[str, Any] = field(default_factory=dict, hash=False)  # declared by the backends (registry)
 
     def __post_init__(self) -> None:
-        if self.backend != "auto" and self.backend not in BACKENDS:
-            close = difflib.get_close_matches(self.backend, BACKENDS, n=1)
-            raise PickScoreError(f"unknown backend {self.backend!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                                 + f"; choose from auto, {', '.join(BACKENDS)}")
+        if self.backend != "auto":
+            backend_info(self.backend)  # an unknown name is refused there, with a suggestion
         if self.precision is not None and self.precision not in PRECISION_NAMES:
             raise PickScoreError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISION_NAMES)}")
         if self.precision is not None and self.backend != "auto" and self.precision not in BACKENDS[self.backend].precisions:

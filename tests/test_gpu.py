@@ -82,7 +82,8 @@ def test_io_binding_and_buckets_give_the_sessions_own_results(tiny_artifacts):
     pointer, and padding to fixed-shape buckets all equal a plain session.run."""
     import onnxruntime as ort
 
-    from pickscore_runtime.backends.onnxruntime import providers, session_options
+    from pickscore_runtime.backends.onnxruntime import providers
+    from pickscore_runtime.ort_sessions import session_options
     from pickscore_runtime.backends.onnxruntime_io import BoundRunner, BucketedRunner, GraphRunner
 
     artifacts = Artifacts.load(tiny_artifacts, hash_check="size")

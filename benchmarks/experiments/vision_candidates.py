@@ -20,7 +20,7 @@ import numpy as np
 from pickscore_export.samples import write_images
 from pickscore_runtime.artifacts import Artifacts
 from pickscore_runtime.backends import BackendBase
-from pickscore_runtime.backends.onnxruntime import session_options
+from pickscore_runtime.ort_sessions import session_options
 from pickscore_runtime.bench import device_clock, time_calls
 from pickscore_runtime.images import open_image
 from pickscore_runtime.preprocess import PreprocessConfig, Preprocessor

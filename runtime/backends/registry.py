@@ -5,6 +5,7 @@ pip extra it needs, a cheap probe of whether it can run here, and the options it
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import logging
@@ -132,7 +133,9 @@ def backend_info(name: str) -> BackendInfo:
     try:
         return BACKENDS[name]
     except KeyError:
-        raise BackendUnavailableError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}") from None
+        close = difflib.get_close_matches(name, BACKENDS, n=1)
+        raise BackendUnavailableError(f"unknown backend {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                      + f"; choose from auto, {', '.join(BACKENDS)}") from None
 
 
 class GateWarning(UserWarning):
@@ -211,8 +214,6 @@ def check_backend_options(backend: str, options: dict[str, object]) -> None:
     declared = {o.name: o for info in candidates for o in info.options}
     for name, value in options.items():
         if name not in declared:
-            import difflib
-
             close = difflib.get_close_matches(name, declared, n=1)
             raise PickScoreError(f"backend {backend} takes no option {name!r}"
                                  + (f" (did you mean {close[0]!r}?)" if close else "")

@@ -28,7 +28,7 @@ from ..errors import PickScoreError
 from ..options import ScorerOptions
 from ..precisions import EXPORTED, NAMES as PRECISIONS
 from ..scorer import DEFAULT_MODEL
-from .console import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, say
+from ..console import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, say
 
 log = logging.getLogger("pickscore")
 

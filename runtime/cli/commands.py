@@ -11,7 +11,7 @@ from ..errors import InputError
 from ..gate_records import read_gate_records, record_gate_results
 from ..optional import export_tools, require
 from ..scorer import DEFAULT_MODEL
-from .console import EXIT_OK, EXIT_UNSCORED, say
+from ..console import EXIT_OK, EXIT_UNSCORED, say
 from .engine import cmd_engine
 from .score import cmd_score
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..artifacts import Artifacts
 from ..errors import ArtifactError, PickScoreError
-from .console import EXIT_OK, say
+from ..console import EXIT_OK, say
 
 
 def cmd_engine(args: Any) -> int:

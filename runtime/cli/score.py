@@ -17,7 +17,7 @@ from ..pipeline import WorkItem
 from ..results import RANDOM_WEIGHTS_BANNER, PromptResult
 from ..scale.cli import cmd_score_ray
 from ..work_io import InputRow, PartedOutput, Progress, count_images, expand_images, read_rows, read_work, result_rows
-from .console import EXIT_OK, EXIT_UNSCORED, say
+from ..console import EXIT_OK, EXIT_UNSCORED, say
 
 log = logging.getLogger("pickscore")
 
