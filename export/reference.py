@@ -1,5 +1,6 @@
 """The PyTorch reference: the PickScore model card's code path through transformers, fp32 (on the CPU, or
-on a GPU with TF32 off: `device="cuda"`).
+on a GPU: `device="cuda"`, each model call in plain fp32, TF32 off and SDPA's math kernel, the caller's
+settings given back after it: torch_towers.EXACT_FP32).
 
     inputs = processor(images=..., return_tensors="pt"); processor(text=prompt, padding=True, truncation=True, max_length=77)
     embs = model.get_*_features(**inputs); embs = embs / torch.norm(embs, dim=-1, keepdim=True)
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pickscore_runtime.torch_towers import features
+from pickscore_runtime.torch_towers import features, numerics
 
 from .source import ModelSource, load_clip, tokenizer_files
 
@@ -28,10 +29,8 @@ class Reference:
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPProcessor
 
         files = tokenizer_files(source)
-        if device != "cpu":  # fp32 means fp32 on a GPU too: TF32 matmuls and convolutions off
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
         self.device = device
+        self.numerics = numerics(device)  # fp32 means fp32 on a GPU too, inside our calls only
         self.model = (model if model is not None else load_clip(source)).to(device)
         self.processor = CLIPProcessor(
             image_processor=CLIPImageProcessorPil.from_pretrained(files), tokenizer=AutoTokenizer.from_pretrained(files)
@@ -42,7 +41,8 @@ class Reference:
         out = []
         for prompt in prompts:  # one prompt per call, as the model card scores
             inputs = self.processor(text=prompt, padding=True, truncation=True, max_length=77, return_tensors="pt")
-            embs = features(self.model.get_text_features(**inputs.to(self.device)))
+            with self.numerics:
+                embs = features(self.model.get_text_features(**inputs.to(self.device)))
             out.append((embs / torch.norm(embs, dim=-1, keepdim=True)).cpu().numpy())
         return np.concatenate(out)
 
@@ -52,7 +52,8 @@ class Reference:
         for start in range(0, len(images), batch_size):
             batch = [Image.open(x) if isinstance(x, (str, Path)) else x for x in images[start : start + batch_size]]
             inputs = self.processor(images=batch, return_tensors="pt")
-            embs = features(self.model.get_image_features(**inputs.to(self.device)))
+            with self.numerics:
+                embs = features(self.model.get_image_features(**inputs.to(self.device)))
             out.append((embs / torch.norm(embs, dim=-1, keepdim=True)).cpu().numpy())
         return np.concatenate(out)
 

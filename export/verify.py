@@ -18,7 +18,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -51,20 +51,24 @@ def check_same_model(given: ModelSource, exported: ModelSource) -> None:
 def verify(artifacts_dir: str | Path, source: ModelSource | None = None, backend: str = "onnx-cpu",
            precision: str | None = None, images: Sequence[str | Path] = (), prompts: Sequence[str] = PROMPTS,
            builtin_images: bool = True, progress: Callable[[str], None] = log.info,
-           reference_device: str = "cpu", reference_cache: str | Path | None = None) -> dict[str, Any]:
+           reference_device: str = "cpu", reference_cache: str | Path | None = None,
+           backend_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compare the runtime on `artifacts_dir` with the reference; returns the report (report["passed"])."""
     return verify_precisions(artifacts_dir, [precision], source, backend, images, prompts, builtin_images, progress,
-                             reference_device, reference_cache)[0]
+                             reference_device, reference_cache, backend_options)[0]
 
 
 def verify_precisions(artifacts_dir: str | Path, precisions: Sequence[str | None], source: ModelSource | None = None,
                       backend: str = "onnx-cpu", images: Sequence[str | Path] = (), prompts: Sequence[str] = PROMPTS,
                       builtin_images: bool = True, progress: Callable[[str], None] = log.info,
-                      reference_device: str = "cpu", reference_cache: str | Path | None = None) -> list[dict[str, Any]]:
+                      reference_device: str = "cpu", reference_cache: str | Path | None = None,
+                      backend_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """One report per precision; the PyTorch reference runs once for all of them, fp32, on
     `reference_device` ("cuda": on the GPU with TF32 off). reference_cache: a folder where the reference's
     embeddings are kept, keyed by everything they depend on (gating several int8 plans of one export
-    then runs the reference once)."""
+    then runs the reference once). backend_options: the options the backend declares (torch-cuda's
+    compile and cuda_graphs...), so the path gated is the path that will run."""
+    backend_options = dict(backend_options or {})
     with tempfile.TemporaryDirectory(prefix="pickscore-verify-") as tmp:
         paths = (write_images(Path(tmp)) if builtin_images else []) + [Path(p) for p in images]
         for i, p in enumerate(paths):  # a bad user image is named now, not deep inside the reference
@@ -76,7 +80,7 @@ def verify_precisions(artifacts_dir: str | Path, precisions: Sequence[str | None
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RandomWeightsWarning)  # the report says random_weights
-                scorer = PickScorer.load(artifacts_dir, backend=backend, precision=precision)
+                scorer = PickScorer.load(artifacts_dir, backend=backend, precision=precision, **backend_options)
             exported = ModelSource.from_manifest(scorer.artifacts.manifest)
             source = source or exported
             check_same_model(source, exported)
@@ -86,7 +90,7 @@ def verify_precisions(artifacts_dir: str | Path, precisions: Sequence[str | None
             runs.append({
                 "text": scorer.text.encode(prompts).embeddings, "image": image_embs,
                 "scale": scorer.artifacts.logit_scale_exp, "random_weights": scorer.random_weights,
-                "backend": scorer.backend.name, "precision": scorer.backend.precision,
+                "backend": scorer.backend.name, "precision": scorer.backend.precision, "backend_options": backend_options,
                 "seconds": time.perf_counter() - t0,
             })
             scorer.close()
@@ -150,6 +154,7 @@ def _report(run: dict, ref_text: np.ndarray, ref_img: np.ndarray, ref_scale: np.
         "gate_version": gate.GATE_VERSION,
         "backend": run["backend"],
         "precision": run["precision"],
+        "backend_options": run["backend_options"],
         "random_weights": run["random_weights"],
         "weights": source.weights_kind,
         "n_prompts": len(ref),

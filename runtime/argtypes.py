@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def positive_int(text: str) -> int:
@@ -40,3 +41,28 @@ def csv_list(choices: tuple[str, ...] | None = None):
             raise argparse.ArgumentTypeError(f"choose from {', '.join(choices or ())}; got {text!r}")
         return list(dict.fromkeys(items))
     return parse
+
+
+def option_value(text: str) -> Any:
+    """A backend option's value as written: true/false, a whole number, else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def option_pair(text: str) -> tuple[str, Any]:
+    """`key=value` as (key, option_value(value)); ValueError names a malformed one."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise ValueError(f"backend option {text!r} is not option=value")
+    return key.strip(), option_value(value.strip())
+
+
+def backend_option(text: str) -> tuple[str, Any]:
+    try:
+        return option_pair(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -1,9 +1,11 @@
 """`pickscore bench`: every backend measured side by side in one process, on the same inputs, as
 comparable rows {backend, precision, device, stage, batch_size, items_per_s, p50_ms, p95_ms, peak_rss_mb,
-gpu_mem_mb, error}.
+gpu_mem_mb, error, options}.
 
-Backends are (registry name, precision) pairs: `torch:fp32` is the model card's PyTorch code,
-`torch:bf16` the same under CPU autocast, `onnx-cpu:int8` the runtime's fast CPU path. Each backend is
+Backends are specs `name[:precision[:option=value,...]]` (BenchSpec): `torch:fp32` is the model card's
+PyTorch code, `torch:bf16` the same under CPU autocast, `onnx-cpu:int8` the runtime's fast CPU path,
+`torch-cuda:fp16:compile=true,cuda_graphs=true` torch-cuda with the backend options it declares (the
+registry's BackendOption; checked as ScorerOptions checks them). A row's `options` names them. Each backend is
 timed with its own clock, which waits for the device before reading the time (timm's
 `cuda_timestamp` idea), so GPU numbers are not launch times. gpu_mem_mb is the device memory in use
 (every process's, as cudaMemGetInfo reports it) at its peak while the row was timed, for rows of cuda
@@ -17,7 +19,13 @@ measured so far even if the process is killed; `complete` says whether the run g
 records the code (`code`: commit or package version), the command line, the working directory and the
 machine (pickscore_runtime.machine).
 
-PRESETS are named scenarios (backends, batch sizes, stages, timing); benchmarks/gpu/acceptance.py runs `gpu`.
+The vision stage keeps its batches in flight (`inflight.embed_in_flight`, the backend's `submit_images`):
+on a backend that overlaps them (queue_depth > 1: the GPU backends) each timed call submits VISION_BATCHES
+batches, so the copy of one batch overlaps the compute of the one before, as in the pipeline; elsewhere
+one. Its p50/p95 are per batch.
+
+PRESETS are named scenarios (backends, batch sizes, stages, timing); benchmarks/gpu/acceptance.py runs
+parts of `gpu` that fit its time budget.
 """
 
 from __future__ import annotations
@@ -38,16 +46,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from .argtypes import option_pair
 from .artifacts import Artifacts
 from .backends import BACKENDS, Backend, create_backend
 from .errors import PickScoreError
+from .inflight import embed_in_flight
 from .machine import code_version, gpu_info, machine_info
+from .options import ScorerOptions
 from .optional import require
 from .pipeline import default_workers
 from .scorer import PickScorer
 
 STAGES = ("vision", "text", "text-cached", "e2e", "e2e-png", "tensors-exact", "tensors-fast")
 DEFAULT_STAGES = STAGES[:5]  # the tensors stages are asked for by name (RL reward loops, the GPU acceptance)
+VISION_BATCHES = 4  # batches per timed vision call on a backend that keeps more than one in flight
 TENSOR_SIZE = 512  # tensors stages: uint8 RGB generations of this size, as an RL loop holds them
 BENCH_PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
@@ -58,12 +70,84 @@ BENCH_PROMPTS = [
 
 
 @dataclass(frozen=True)
+class BenchSpec:
+    """One backend as the bench opens it: its registry name, precision (None: the backend's first) and the
+    backend options it is opened with, as (name, value) pairs in the order given."""
+
+    name: str
+    precision: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def options_text(self) -> str:
+        """The options as the spec writes them ("compile=true,cuda_graphs=true"; "" for none)."""
+        return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.options)
+
+    def __str__(self) -> str:
+        """The spec as parse_backend_specs reads it back."""
+        parts = [self.name] + ([self.precision or ""] if self.precision or self.options else [])
+        return ":".join(parts + ([self.options_text] if self.options else []))
+
+    def checked(self) -> "BenchSpec":
+        """This spec, or PickScoreError naming what is wrong (an unknown backend, a precision it does not run,
+        an option it does not declare or a value of the wrong type), before anything opens."""
+        ScorerOptions(backend=self.name, precision=self.precision, backend_options=dict(self.options))
+        return self
+
+
+def parse_backend_specs(text: str) -> list[BenchSpec]:
+    """Comma-separated `name[:precision[:option=value,...]]`, e.g. `onnx-cpu:int8,torch-cuda:fp16:compile=true,
+    cuda_graphs=true`: an item `option=value` with no colon before its `=` is one more option of the spec
+    before it. Each spec is checked (BenchSpec.checked); PickScoreError names the first wrong one."""
+    return [spec.checked() for spec in split_backend_specs(text)]
+
+
+def split_backend_specs(text: str) -> list[BenchSpec]:
+    """parse_backend_specs without the checks (the presets, written before every backend's options load)."""
+    specs: list[tuple[str, str | None, list[tuple[str, Any]]]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item.split("=", 1)[0]:
+            if not specs:
+                raise PickScoreError(f"backend option {item!r} comes before any backend (name[:precision[:option=value,...]])")
+            specs[-1][2].append(spec_option(item))
+            continue
+        name, _, rest = item.partition(":")
+        precision, _, options = rest.partition(":")
+        specs.append((name, precision or None, [spec_option(options)] if options else []))
+    return [BenchSpec(name, precision, tuple(options)) for name, precision, options in specs]
+
+
+def spec_option(text: str) -> tuple[str, Any]:
+    try:
+        return option_pair(text)
+    except ValueError as e:
+        raise PickScoreError(str(e)) from None
+
+
+def bench_spec(spec: "BenchSpec | str | Sequence[Any]") -> BenchSpec:
+    """A spec from what callers pass: a BenchSpec, its text, or a (name, precision[, options]) tuple."""
+    if isinstance(spec, BenchSpec):
+        return spec
+    if isinstance(spec, str):
+        (one,) = split_backend_specs(spec)
+        return one
+    name, precision, *rest = spec
+    options = rest[0] if rest else {}
+    return BenchSpec(name, precision, tuple(dict(options).items()))
+
+
+def specs(*texts: str) -> tuple[BenchSpec, ...]:
+    return tuple(bench_spec(t) for t in texts)
+
+
+@dataclass(frozen=True)
 class Preset:
-    """A named scenario for `pickscore bench`: what to time, and how long. Meant for a `--preset NAME` flag
-    (flags given beside it replacing its values); the CLI does not take it yet."""
+    """A named scenario for `pickscore bench --preset NAME` (flags given beside it replacing its values)."""
 
     about: str
-    backends: tuple[tuple[str, str], ...]
+    backends: tuple[BenchSpec, ...]
     batch_sizes: tuple[int, ...]
     stages: tuple[str, ...]
     min_calls: int = 3
@@ -74,22 +158,24 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "cpu": Preset("the shipped CPU paths against the model card's PyTorch code (fp32 and bf16 autocast), vision "
                   "tower: RESULTS.md's comparison",
-                  (("torch", "fp32"), ("torch", "bf16"), ("onnx-cpu", "fp32"), ("onnx-cpu", "int8")), (1, 4), ("vision",),
+                  specs("torch:fp32", "torch:bf16", "onnx-cpu:fp32", "onnx-cpu:int8"), (1, 4), ("vision",),
                   min_calls=2, min_seconds=1.0),
     "cpu-e2e": Preset("files on disk to scores on the CPU: vision tower alone against the end-to-end JPEG and PNG "
                       "pipeline (decoding threads: --workers)",
-                      (("onnx-cpu", "int8"), ("onnx-cpu", "fp32")), (4,), ("vision", "e2e", "e2e-png"), e2e_images=8),
+                      specs("onnx-cpu:int8", "onnx-cpu:fp32"), (4,), ("vision", "e2e", "e2e-png"), e2e_images=8),
     "cpu-rl": Preset("an RL reward loop on the CPU: generations already in memory (uint8 tensors, exact and fast "
                      "resize) scored against prompts already in the text cache",
-                     (("onnx-cpu", "int8"), ("onnx-cpu", "fp32")), (1, 4, 8), ("tensors-exact", "tensors-fast", "text-cached"),
+                     specs("onnx-cpu:int8", "onnx-cpu:fp32"), (1, 4, 8), ("tensors-exact", "tensors-fast", "text-cached"),
                      min_calls=2, min_seconds=1.0),
-    "gpu": Preset("every GPU backend against torch-cuda fp16 and the fp32 model card code: what "
-                  "benchmarks/gpu/acceptance.py runs (it drops the backends this machine cannot run)",
-                  (("tensorrt", "fp16"), ("onnx-cuda", "fp16"), ("torch-cuda", "fp16"), ("torch-cuda", "fp32")),
-                  (16, 64, 128, 256), ("vision", "text", "e2e", "e2e-png", "tensors-exact", "tensors-fast"),
+    "gpu": Preset("every GPU backend against torch-cuda: eager fp16 / bf16 / fp32 (the model card code), compiled "
+                  "fp16 (torch.compile, and with CUDA graphs), batch 1-256; benchmarks/gpu/acceptance.py runs the "
+                  "parts that fit its time budget and drops the backends a machine cannot run",
+                  specs("tensorrt:fp16", "onnx-cuda:fp16", "torch-cuda:fp16", "torch-cuda:bf16",
+                        "torch-cuda:fp16:compile=true", "torch-cuda:fp16:compile=true,cuda_graphs=true", "torch-cuda:fp32"),
+                  (1, 16, 64, 128, 256), ("vision", "text", "e2e", "e2e-png", "tensors-exact", "tensors-fast"),
                   min_calls=3, min_seconds=0.5, e2e_images=256),
     "gpu-rl": Preset("an RL reward loop on a GPU: generations as device tensors scored against cached prompts",
-                     (("tensorrt", "fp16"), ("onnx-cuda", "fp16"), ("torch-cuda", "fp16")), (16, 64, 256),
+                     specs("tensorrt:fp16", "onnx-cuda:fp16", "torch-cuda:fp16"), (16, 64, 256),
                      ("tensors-exact", "tensors-fast", "text-cached"), min_calls=3, min_seconds=0.5),
 }
 
@@ -114,6 +200,13 @@ class Row:
     peak_rss_mb: float | None
     gpu_mem_mb: float | None = None  # cuda backends only
     error: str | None = None  # what the cell raised: "ExceptionType: message"
+    options: str = ""  # the backend options it ran with, as the spec wrote them ("compile=true,cuda_graphs=true")
+
+
+def row_label(row: dict) -> str:
+    """backend/precision, and the options when there are any: what a table or a chart calls a row's backend."""
+    label = f"{row['backend']}/{row['precision']}"
+    return f"{label} ({row['options']})" if row.get("options") else label
 
 
 def bench_prompts(n: int) -> list[str]:
@@ -143,8 +236,8 @@ def gpu_memory_probe() -> Callable[[], float] | None:
 
         memory_in_use_mb()
         return memory_in_use_mb
-    except PickScoreError:
-        pass
+    except Exception:  # noqa: BLE001 - no cuda-python or no driver (a PickScoreError), or cuda-bindings' own
+        pass  # RuntimeError ("Failed to dlopen libcuda.so.1") where a version raises instead of returning an error
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         return lambda: (lambda free, total: (total - free) / 2**20)(*torch.cuda.mem_get_info())
@@ -234,12 +327,14 @@ def time_calls(fns: Sequence[Callable[[], object]], min_calls: int, min_seconds:
 
 
 def row_from_times(backend: Backend, stage: str, batch: int, items_per_call: int, times: list[float], peak: float,
-                   gpu_peak: float | None = None) -> Row:
-    ms = np.array(times) * 1000
+                   gpu_peak: float | None = None, options: str = "") -> Row:
+    """The row of one measured cell; a vision call's time is shared by its batches, so its p50/p95 are per batch."""
+    ms = np.array(times) * 1000 / (items_per_call // batch if stage == "vision" else 1)
     gpu = round(gpu_peak) if gpu_peak is not None and backend.device == "cuda" else None
     return Row(backend.name, backend.precision, backend.device, stage, batch,
                round(items_per_call * len(times) / sum(times), 3),
-               round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 95)), 3), round(peak), gpu)
+               round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 95)), 3), round(peak), gpu,
+               options=options)
 
 
 def error_text(e: BaseException) -> str:
@@ -248,16 +343,18 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {message[:500]}" if message else type(e).__name__
 
 
-def error_row(name: str, precision: str | None, device: str, stage: str, batch: int, error: BaseException | str) -> Row:
+def error_row(name: str, precision: str | None, device: str, stage: str, batch: int, error: BaseException | str,
+              options: str = "") -> Row:
     text = error if isinstance(error, str) else error_text(error)
-    return Row(name, precision or "default", device, stage, batch, None, None, None, None, None, text)
+    return Row(name, precision or "default", device, stage, batch, None, None, None, None, None, text, options)
 
 
-def open_backend_spec(artifacts: Artifacts, spec: tuple[str, str | None], model_source: Any, threads: int | None,
+def open_backend_spec(artifacts: Artifacts, spec: BenchSpec, model_source: Any, threads: int | None,
                       shared_cpu_clip: dict[str, Any]) -> Backend:
-    """The backend of one spec; CPU torch backends share one loaded model (autocast leaves weights fp32)."""
-    name, precision = spec
-    options: dict[str, Any] = {"threads": threads}
+    """The backend of one spec, opened with its options; CPU torch backends share one loaded model (autocast
+    leaves weights fp32)."""
+    name, precision = spec.name, spec.precision
+    options: dict[str, Any] = {"threads": threads, **dict(spec.options)}
     if name in ("torch", "torch-cuda"):
         options["model_source"] = model_source
     if name == "torch":
@@ -301,8 +398,9 @@ def bench_inputs(scorer: PickScorer, max_batch: int, folder: Path, n_jpegs: int,
 def stage_call(scorer: PickScorer, stage: str, batch: int, inputs: BenchInputs) -> tuple[Callable[[], object], int]:
     """What one timed call of `stage` does, and how many items it handles."""
     backend = scorer.backend
-    if stage == "vision":
-        return (lambda: backend.embed_images(inputs.pixels[:batch])), batch
+    if stage == "vision":  # batches in flight: the next one's copy overlaps this one's compute
+        batches = [inputs.pixels[:batch]] * (VISION_BATCHES if backend.queue_depth > 1 else 1)
+        return (lambda: list(embed_in_flight(backend, batches))), batch * len(batches)
     if stage == "text":
         return (lambda: backend.embed_text(inputs.input_ids[:batch])), batch
     if stage == "text-cached":  # tokenise + cache lookup; the first (warm-up) call fills the cache
@@ -336,37 +434,43 @@ def write_json(path: str | Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def time_block(block: Sequence[tuple[PickScorer, str]], batch: int, inputs: BenchInputs, min_calls: int,
+def time_block(block: Sequence[tuple[PickScorer, str, str]], batch: int, inputs: BenchInputs, min_calls: int,
                min_seconds: float, gpu: Callable[[], float] | None) -> list[Row]:
-    """One row per (scorer, stage) of `block`, timed in the same interleaved rounds; a cell that raises
-    (building its call, warming up or timed) becomes an error row and the others are still measured."""
+    """One row per (scorer, stage, its options text) of `block`, timed in the same interleaved rounds; a cell
+    that raises (building its call, warming up or timed) becomes an error row and the others are still measured."""
     rows: list[Row | None] = [None] * len(block)
     calls = []  # (position in block, call, items per call)
-    for k, (scorer, stage) in enumerate(block):
+
+    def failed(k: int, error: BaseException) -> Row:
+        scorer, stage, options = block[k]
+        b = scorer.backend
+        return error_row(b.name, b.precision, b.device, stage, batch, error, options)
+
+    for k, (scorer, stage, _) in enumerate(block):
         try:
             call, items = stage_call(scorer, stage, batch, inputs)
             calls.append((k, call, items))
         except Exception as e:  # noqa: BLE001 - the cell's error
-            rows[k] = error_row(scorer.backend.name, scorer.backend.precision, scorer.backend.device, stage, batch, e)
+            rows[k] = failed(k, e)
     errors: list[BaseException | None] = []
     with PeakRss(gpu) as rss:
         times = time_calls([call for _, call, _ in calls], min_calls, min_seconds,
                            [device_clock(block[k][0].backend) for k, _, _ in calls], errors=errors)
     for (k, _, items), t, error in zip(calls, times, errors):
-        scorer, stage = block[k]
-        rows[k] = (error_row(scorer.backend.name, scorer.backend.precision, scorer.backend.device, stage, batch, error)
-                   if error is not None else row_from_times(scorer.backend, stage, batch, items, t, rss.peak, rss.gpu_peak))
+        scorer, stage, options = block[k]
+        rows[k] = (failed(k, error) if error is not None
+                   else row_from_times(scorer.backend, stage, batch, items, t, rss.peak, rss.gpu_peak, options))
     if any(r.error for r in rows if r is not None):
         release_memory()
     return [r for r in rows if r is not None]
 
 
-def run_bench(artifacts_dir: str | Path, backends: Sequence[tuple[str, str | None]], batch_sizes: Sequence[int],
+def run_bench(artifacts_dir: str | Path, backends: Sequence[BenchSpec | str | tuple], batch_sizes: Sequence[int],
               stages: Sequence[str] = DEFAULT_STAGES, model_source: Any = None, threads: int | None = None,
               workers: int | None = None, min_calls: int = 3,
               min_seconds: float = 2.0, n_jpegs: int | None = None, interleave: bool = True,
               progress: Callable[[str], None] = print, output: str | Path | None = None,
-              command: Sequence[str] | None = None) -> dict:
+              command: Sequence[str] | None = None, rows: str | Path | None = None) -> dict:
     """interleave=True: every backend is open at once, and for each batch size every (backend, stage)
     is timed in the same rounds, so backend-vs-backend and e2e-vs-vision ratios hold on a machine
     whose speed drifts; peak_rss_mb is then the whole process's. interleave=False: one backend in
@@ -376,8 +480,14 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[tuple[str, str | Non
     error row; everything else is measured. output: the JSON, rewritten after every timed block (and
     once more, with `complete` true, at the end; with `stopped_by` if an exception ends the run).
     progress: each row as one line of JSON, once measured. command: the command line to record
-    (default sys.argv)."""
+    (default sys.argv). rows: a JSON-lines file (started empty) each row is appended to and flushed as it
+    is measured; default: `output` with the suffix .jsonl (none without output).
+    backends: BenchSpec, its text (`name[:precision[:option=value,...]]`) or (name, precision[, options])."""
     started = time.time()
+    backends = [bench_spec(b) for b in backends]
+    rows_file = Path(rows) if rows is not None else Path(output).with_suffix(".jsonl") if output else None
+    if rows_file is not None:
+        rows_file.write_text("")
     artifacts = Artifacts.load(artifacts_dir, hash_check="size")
     n_jpegs = n_jpegs or 2 * max(batch_sizes)
     result: dict[str, Any] = {
@@ -388,13 +498,18 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[tuple[str, str | Non
         "complete": False, "rows": []}
     measured: list[tuple[int, Row]] = []  # (index of the backend spec, row): rows sort in --backends order
 
-    def publish(rows: list[tuple[int, Row]]) -> None:
-        measured.extend(rows)
+    def publish(new: list[tuple[int, Row]]) -> None:
+        if rows_file is not None:  # first: a process killed while the JSON is rewritten still leaves these lines
+            with open(rows_file, "a") as f:
+                for _, r in new:
+                    f.write(json.dumps(asdict(r)) + "\n")
+                    f.flush()
+        measured.extend(new)
         measured.sort(key=lambda ir: (ir[0], STAGES.index(ir[1].stage), ir[1].batch_size))
         result["rows"] = [asdict(r) for _, r in measured]
         if output:
             write_json(output, result)
-        for _, r in rows:
+        for _, r in new:
             progress(json.dumps(asdict(r)))
 
     specs = list(enumerate(backends))
@@ -404,14 +519,17 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[tuple[str, str | Non
             inputs = None
             for group in groups:
                 scorers: list[tuple[int, PickScorer]] = []
+                options_of: dict[int, str] = {}  # id(scorer) -> its spec's options text
                 shared_cpu_clip: dict[str, Any] = {}  # per group: sequential mode holds one backend at a time
-                for index, (name, precision) in group:
+                for index, spec in group:
                     try:
-                        backend = open_backend_spec(artifacts, (name, precision), model_source, threads, shared_cpu_clip)
+                        backend = open_backend_spec(artifacts, spec, model_source, threads, shared_cpu_clip)
                         scorers.append((index, PickScorer.from_backend(artifacts, backend, workers=workers)))
+                        options_of[id(scorers[-1][1])] = spec.options_text
                     except Exception as e:  # noqa: BLE001 - every cell of this backend is an error row
-                        device = BACKENDS[name].device if name in BACKENDS else "-"
-                        publish([(index, error_row(name, precision, device, stage, b, e)) for stage in stages for b in batch_sizes])
+                        device = BACKENDS[spec.name].device if spec.name in BACKENDS else "-"
+                        publish([(index, error_row(spec.name, spec.precision, device, stage, b, e, spec.options_text))
+                                 for stage in stages for b in batch_sizes])
                         release_memory()
                 if not scorers:
                     continue
@@ -422,10 +540,10 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[tuple[str, str | Non
                 gpu = gpu_memory_probe() if cuda else None
                 index_of = {id(s): i for i, s in scorers}
                 for b in batch_sizes:
-                    cells = [(scorer, stage) for stage in stages for _, scorer in scorers]
+                    cells = [(scorer, stage, options_of[id(scorer)]) for stage in stages for _, scorer in scorers]
                     for block in [cells] if interleave else [[cell] for cell in cells]:
-                        rows = time_block(block, b, inputs, min_calls, min_seconds, gpu)  # one per cell, in order
-                        publish([(index_of[id(scorer)], r) for r, (scorer, _) in zip(rows, block)])
+                        timed = time_block(block, b, inputs, min_calls, min_seconds, gpu)  # one per cell, in order
+                        publish([(index_of[id(scorer)], r) for r, (scorer, _, _) in zip(timed, block)])
                 for _, scorer in scorers:
                     scorer.close()
                 del scorers
@@ -451,11 +569,11 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         these = [r for r in rows if r["stage"] == stage]
-        engines = list(dict.fromkeys(f"{r['backend']}/{r['precision']}" for r in these))
+        engines = list(dict.fromkeys(row_label(r) for r in these))
         batches = sorted({r["batch_size"] for r in these})
         width = 0.8 / max(len(engines), 1)
         for k, engine in enumerate(engines):
-            vals = [next((r["items_per_s"] for r in these if f"{r['backend']}/{r['precision']}" == engine
+            vals = [next((r["items_per_s"] for r in these if row_label(r) == engine
                           and r["batch_size"] == b), 0) for b in batches]
             ax.bar([i + k * width for i in range(len(batches))], vals, width, label=engine)
         ax.set_xticks([i + width * (len(engines) - 1) / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
@@ -472,15 +590,15 @@ def plot(result: dict, path: Path) -> None:
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| backend | precision | device | stage | batch | items/s | p50 ms | p95 ms | peak RSS MB | GPU MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | precision | options | device | stage | batch | items/s | p50 ms | p95 ms | peak RSS MB | GPU MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        head = (f"| {r['backend']} | {r['precision']} | {r.get('options') or '-'} | {r.get('device', 'cpu')} | {r['stage']} | "
+                f"{r['batch_size']} |")
         if r.get("error"):
             error = r["error"].replace("|", "\\|")
-            lines.append(f"| {r['backend']} | {r['precision']} | {r.get('device', 'cpu')} | {r['stage']} | {r['batch_size']} | "
-                         f"error: {error} | - | - | - | - |")
+            lines.append(f"{head} error: {error} | - | - | - | - |")
             continue
         gpu = "-" if r.get("gpu_mem_mb") is None else f"{r['gpu_mem_mb']:.0f}"
-        lines.append(f"| {r['backend']} | {r['precision']} | {r.get('device', 'cpu')} | {r['stage']} | {r['batch_size']} | "
-                     f"{r['items_per_s']:.3f} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['peak_rss_mb']:.0f} | {gpu} |")
+        lines.append(f"{head} {r['items_per_s']:.3f} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['peak_rss_mb']:.0f} | {gpu} |")
     return "\n".join(lines)

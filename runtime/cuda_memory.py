@@ -2,26 +2,37 @@
 pinned host buffers, streams, events and CUDA graphs, each a small object with an idempotent `free()`.
 
 Imported only by the GPU code that needs it (the tensorrt backend and engine builds); a missing
-cuda-python raises MissingExtraError naming the [tensorrt] extra, and a machine without a usable
-NVIDIA driver or device raises BackendUnavailableError saying so.
+cuda-python (or one too old to have `cuda.bindings`) raises MissingExtraError naming the [tensorrt]
+extra, and a machine without a usable NVIDIA driver or device raises BackendUnavailableError saying so,
+whether the bindings report that with an error code or raise while loading the driver library.
+
+The public surface, also what benchmarks/gpu's torch-free smoke check drives: `current_device()`,
+`memory_in_use_mb()`, `DeviceBuffer(nbytes)`, `PinnedArray(shape, dtype)` (`.array`, `.view(shape)`),
+`Stream()` (`copy_to_device`, `copy_to_host`, `wait(event)`, `wait_for_stream(handle)`, `synchronize`),
+`Event(timing=False)` (`record(stream)`, `synchronize`, `seconds_since(start)`), `Graph(stream, enqueue)`
+(`launch(stream)`), all with `free()`; and `call(fn, *args)` for any other `cuda.bindings` function.
+Not run on a GPU yet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from .errors import BackendUnavailableError, PickScoreError
-from .optional import require
+from .errors import BackendUnavailableError, MissingExtraError, PickScoreError
+from .optional import findable, require
 
 # cudaError_t names that mean "no usable GPU here" rather than a failure of the work itself
 NO_DEVICE = {"cudaErrorInsufficientDriver", "cudaErrorNoDevice", "cudaErrorInvalidDevice", "cudaErrorDevicesUnavailable",
              "cudaErrorSystemDriverMismatch", "cudaErrorCompatNotSupportedOnDevice", "cudaErrorStubLibrary",
              "cudaErrorCallRequiresNewerDriver", "cudaErrorSystemNotReady"}
+BINDINGS = "CUDA buffers for the GPU backends (cuda-python)"
 
 
 class CudaError(PickScoreError):
@@ -35,23 +46,92 @@ def cudart() -> ModuleType:
     """cuda-python's runtime API module."""
     global _RUNTIME
     if _RUNTIME is None:
-        _RUNTIME = require("cuda.bindings.runtime", "CUDA buffers for the GPU backends (cuda-python)", extra="tensorrt")
+        _RUNTIME = load_bindings()
     return _RUNTIME
+
+
+def load_bindings() -> ModuleType:
+    try:
+        return require("cuda.bindings.runtime", BINDINGS, extra="tensorrt")
+    except MissingExtraError:
+        if "cuda" in sys.modules and not findable("cuda.bindings"):  # cuda-python 12.6.0 or older, or only
+            raise MissingExtraError(BINDINGS, "cuda-python>=12.6.1", "tensorrt",  # cuda-pathfinder / cuda-core
+                                    "the installed cuda-python has no cuda.bindings: upgrade it") from None
+        raise
+    except (RuntimeError, OSError) as e:  # some releases load the driver library at import
+        raise BackendUnavailableError(f"CUDA cannot run here: cuda.bindings could not load ({e})") from e
+
+
+def function_name(fn: Any) -> str:
+    return getattr(fn, "__name__", repr(fn))
+
+
+def invoke(fn: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`fn(*args)`, with the bindings' failure to load the NVIDIA driver library (a RuntimeError, as
+    cuda-bindings raise it instead of returning an error code when there is no driver) made our error."""
+    try:
+        return fn(*args)
+    except RuntimeError as e:
+        text = f"{type(e).__name__}: {e}"
+        if "dlopen" in text or "DynamicLib" in text or "libcuda" in text or "driver" in text.lower():
+            raise BackendUnavailableError(f"CUDA cannot run here: {function_name(fn)}: cuda-bindings could not load "
+                                          f"the NVIDIA driver library ({text}); is an NVIDIA driver installed?") from e
+        raise CudaError(f"{function_name(fn)}: {text}") from e
+
+
+def failure(fn: Any, err: Any) -> PickScoreError:
+    """The error to raise for a cudaError_t that is not cudaSuccess."""
+    name = getattr(err, "name", str(err))
+    message = f"{function_name(fn)}: {name} ({error_text(err)})"
+    if name in NO_DEVICE:
+        return BackendUnavailableError(f"CUDA cannot run here: {message}{driver_note()}")
+    return CudaError(message)
+
+
+def error_text(err: Any) -> str:
+    try:
+        text = cudart().cudaGetErrorString(err)[1]
+    except Exception:  # noqa: BLE001 - the error's name is enough
+        return "no description"
+    return text.decode() if isinstance(text, bytes) else str(text)
+
+
+def driver_note() -> str:
+    """Why a "no usable GPU" error happened, where the versions tell: no driver at all, or a driver older
+    than the CUDA these bindings were built for (cuda-bindings 13 on an R550/R570 driver)."""
+    try:
+        rt = cudart()
+        driver, runtime = invoke(rt.cudaDriverGetVersion, ())[1], invoke(rt.cudaRuntimeGetVersion, ())[1]
+    except Exception:  # noqa: BLE001 - the error itself is reported either way
+        return ""
+    if not driver:
+        return "; no NVIDIA driver is loaded on this machine"
+    if driver < runtime:
+        return (f"; the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10}, these cuda-bindings are "
+                f"for CUDA {runtime // 1000}.{runtime % 1000 // 10}: install cuda-python {driver // 1000}.x "
+                f"(the [tensorrt] extra's variant for that driver) or a newer driver")
+    return ""
 
 
 def call(fn: Any, *args: Any) -> Any:
     """Call a cuda.bindings function (they return (error, *values)); raise on error, return the values."""
-    err, *values = fn(*args)
+    err, *values = invoke(fn, args)
     if int(err) != 0:
-        rt = cudart()
-        name = getattr(err, "name", str(err))
-        text = rt.cudaGetErrorString(err)[1]
-        text = text.decode() if isinstance(text, bytes) else str(text)
-        message = f"{fn.__name__}: {name} ({text})"
-        if name in NO_DEVICE:
-            raise BackendUnavailableError(f"CUDA cannot run here: {message}")
-        raise CudaError(message)
+        raise failure(fn, err)
     return values[0] if len(values) == 1 else tuple(values) if values else None
+
+
+def free_all(*things: Any) -> None:
+    """free() each (None skipped), going on past failures; the first failure is raised at the end."""
+    first = None
+    for thing in things:
+        try:
+            if thing is not None:
+                thing.free()
+        except Exception as e:  # noqa: BLE001 - release everything we can, then report
+            first = first or e
+    if first is not None:
+        raise first
 
 
 @dataclass(frozen=True)
@@ -173,7 +253,10 @@ class Event:
 class Graph:
     """A CUDA graph captured from the work `enqueue(stream)` puts on `stream`, replayed by `launch`:
     one launch instead of one per kernel, for small batches whose launches cost more than their math.
-    The captured work keeps the shapes and addresses it was captured with."""
+    The captured work keeps the shapes and addresses it was captured with.
+
+    A capture that fails ends capture mode and destroys whatever it had captured, and raises the error of
+    the step that failed (the enqueue's, not the invalidated capture's that follows from it)."""
 
     def __init__(self, stream: Stream, enqueue: Any):
         rt = cudart()
@@ -181,12 +264,22 @@ class Graph:
         call(rt.cudaStreamBeginCapture, stream._stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
         try:
             enqueue(stream)
-        finally:
-            graph = call(rt.cudaStreamEndCapture, stream._stream)  # ends capture mode even when enqueue failed
+        except BaseException:
+            with contextlib.suppress(Exception):  # the enqueue's error is the one to report
+                destroy_graph(end_capture(stream))
+            raise
+        graph = end_capture(stream)
         try:
             self._exec = call(rt.cudaGraphInstantiate, graph, 0)
-        finally:
-            call(rt.cudaGraphDestroy, graph)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the instantiation's error is the one to report
+                destroy_graph(graph)
+            raise
+        try:
+            destroy_graph(graph)  # the executable graph keeps what it needs
+        except BaseException:
+            self.free()
+            raise
 
     def launch(self, stream: Stream) -> None:
         call(cudart().cudaGraphLaunch, self._exec, stream._stream)
@@ -195,3 +288,20 @@ class Graph:
         if self._exec is not None:
             exec_, self._exec = self._exec, None
             call(cudart().cudaGraphExecDestroy, exec_)
+
+
+def end_capture(stream: Stream) -> Any:
+    """End capture mode on `stream` and return the captured graph; on failure raise, after destroying any
+    partial graph the failed capture returned."""
+    rt = cudart()
+    err, graph = invoke(rt.cudaStreamEndCapture, (stream._stream,))
+    if int(err) != 0:
+        with contextlib.suppress(Exception):
+            destroy_graph(graph)
+        raise failure(rt.cudaStreamEndCapture, err)
+    return graph
+
+
+def destroy_graph(graph: Any) -> None:
+    if graph is not None and int(graph):
+        call(cudart().cudaGraphDestroy, graph)

@@ -1,12 +1,17 @@
 """Arrays that already live on a device (a torch CUDA tensor, a CuPy or JAX array, ...), seen through
 the two standard protocols, `__dlpack__` and `__cuda_array_interface__`, as a pointer plus shape and
 dtype: what the GPU backends bind directly, with no copy through the host. Pure Python (ctypes); no
-CUDA library is imported.
+CUDA library is imported, and torch only when the caller already has (a torch tensor is looked up in
+`sys.modules`, never imported).
+
+A torch tensor that requires grad (an RL loop's generations) refuses both protocols (RuntimeError,
+BufferError) until it is detached; it is detached here, a view of the same memory.
 """
 
 from __future__ import annotations
 
 import ctypes
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,15 +65,38 @@ class DeviceArrayView:
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
 
+def is_torch_tensor(x: Any) -> bool:
+    """Whether `x` is a torch tensor; torch is not imported for the question (if it is not loaded, `x` is
+    not one of its tensors)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def without_grad(x: Any) -> Any:
+    """A torch tensor detached from autograd (same memory, no copy); anything else as it is."""
+    return x.detach() if is_torch_tensor(x) else x
+
+
+def protocol(x: Any, name: str) -> Any:
+    """`x`'s attribute `name`, or None when it has none or its property refuses to give one (torch raises
+    RuntimeError for a tensor that requires grad, where hasattr would pass the error on)."""
+    try:
+        return getattr(x, name, None)
+    except (RuntimeError, TypeError, ValueError, BufferError):
+        return None
+
+
 def is_device_array(x: Any) -> bool:
     """Whether `x` should be bound in place rather than read as a host array: anything with
     `__cuda_array_interface__`, or with `__dlpack__` on a device other than the CPU."""
     if isinstance(x, np.ndarray):
         return False
-    if hasattr(x, "__cuda_array_interface__"):
+    x = without_grad(x)
+    if protocol(x, "__cuda_array_interface__") is not None:
         return True
-    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
-        return DEVICE_NAMES.get(int(x.__dlpack_device__()[0])) == "cuda"
+    dlpack_device = protocol(x, "__dlpack_device__")
+    if protocol(x, "__dlpack__") is not None and dlpack_device is not None:
+        return DEVICE_NAMES.get(int(dlpack_device()[0])) == "cuda"
     return False
 
 
@@ -129,9 +157,10 @@ def from_cuda_array_interface(x: Any) -> DeviceArrayView:
 
 def device_view(x: Any, stream: int | None = None) -> DeviceArrayView:
     """The device array `x` as a view; DLPack first (it carries the device id and orders the producer's
-    writes on `stream`), else the CUDA array interface."""
-    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+    writes on `stream`), else the CUDA array interface. A torch tensor that requires grad is viewed detached."""
+    x = without_grad(x)
+    if protocol(x, "__dlpack__") is not None and protocol(x, "__dlpack_device__") is not None:
         return from_dlpack(x, stream)
-    if hasattr(x, "__cuda_array_interface__"):
+    if protocol(x, "__cuda_array_interface__") is not None:
         return from_cuda_array_interface(x)
     raise TypeError(f"{type(x).__name__} is not a device array (it has neither __dlpack__ nor __cuda_array_interface__)")

@@ -10,6 +10,7 @@ the server stack) is imported here, when the feature that needs it is used, and 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from .errors import MissingExtraError
@@ -36,6 +37,14 @@ TORCH_HINT = "on a CPU machine install torch==2.13.0 first: an unpinned torch pu
 ORT_HINT = ("or 'pickscore-runtime[gpu]' for onnxruntime-gpu on NVIDIA machines: one of the two, never both, "
             "as both provide the `onnxruntime` module")
 HINTS = {"torch": TORCH_HINT, "transformers": TORCH_HINT, "onnxruntime": ORT_HINT}
+
+
+def findable(module: str) -> bool:
+    """Whether `module` (dotted names allowed) could be imported, without importing it; never raises."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except Exception:  # noqa: BLE001 - find_spec of a dotted name imports its parent, which may raise anything
+        return False
 
 
 def require(module: str, feature: str, extra: str | None = None) -> ModuleType:

@@ -10,15 +10,18 @@ Two modes:
 - `fast`: float bicubic with antialias on the device (torch's interpolate), no uint8 round trip; its
   effect on scores is measured in the README.
 
-Torch is imported only when the batch is a torch tensor (or a DLPack array on a GPU).
+Torch is imported only when the batch is a torch tensor (or a DLPack array on a GPU). A tensor that
+requires grad (an RL loop's generations) is read detached, and its preprocessing records no graph.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 
+from .device_arrays import is_torch_tensor
 from .errors import ImageError
 from .preprocess import PreprocessConfig, Preprocessor
 from .resample import crop_box, horizontal_first, output_size, pil_weights, resample_axis
@@ -26,22 +29,19 @@ from .resample import crop_box, horizontal_first, output_size, pil_weights, resa
 MODES = ("exact", "fast")
 TORCH_CHUNK = 16
 LAYOUTS = ("auto", "NCHW", "NHWC")
+WEIGHT_CACHE_SIZE = 16  # crop_weights entries: two per image size (and device); crop x size float64 (1.8 MB at 1024 px)
 
 
 def is_tensor_batch(images: Any) -> bool:
     """A batch given as one array (4-D numpy, a torch tensor, anything with __dlpack__), not a list of images."""
     if isinstance(images, np.ndarray):
         return images.ndim == 4
-    return _is_torch(images) or hasattr(images, "__dlpack__")
-
-
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.split(".")[0] == "torch"
+    return is_torch_tensor(images) or hasattr(images, "__dlpack__")
 
 
 def _as_native(images: Any) -> Any:
     """numpy stays numpy; torch stays torch; other DLPack producers become torch (GPU) or numpy (host)."""
-    if isinstance(images, np.ndarray) or _is_torch(images):
+    if isinstance(images, np.ndarray) or is_torch_tensor(images):
         return images
     device = images.__dlpack_device__()[0] if hasattr(images, "__dlpack_device__") else 1
     if device == 1:  # kDLCPU
@@ -112,7 +112,7 @@ def host_uint8_batch(images: Any, layout: str = "auto") -> np.ndarray:
     """Any tensor batch (numpy, torch on any device, DLPack) as checked host uint8 NHWC, quantised as
     exact mode quantises: what a client sends to a server so that both ends score the same pixels."""
     batch = _as_native(images)
-    if _is_torch(batch):
+    if is_torch_tensor(batch):
         batch = batch.detach().cpu()
         batch = (batch.float() if batch.is_floating_point() else batch).numpy()
     return quantised_nhwc(batch, checked_layout(batch, layout))
@@ -133,15 +133,17 @@ class TensorPreparer:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         batch = _as_native(images)
         nhwc, n = checked_layout(batch, layout), batch.shape[0]
-        if _is_torch(batch):
+        if is_torch_tensor(batch):
             import torch
 
+            batch = batch.detach()
             integer = batch.dtype == torch.uint8
             if not integer and not batch.is_floating_point():
                 raise ImageError("batch", f"images must be uint8 or float in [0, 1], got dtype {batch.dtype}")
-            check_values(torch, batch, integer)
-            # float64 intermediates: bound the memory of a large batch of large images
-            return torch.cat([self._torch(batch[i:i + TORCH_CHUNK], nhwc, mode, integer) for i in range(0, n, TORCH_CHUNK)])
+            with torch.no_grad():  # not inference_mode: its tensors could not enter the caller's autograd later
+                check_values(torch, batch, integer)
+                # float64 intermediates: bound the memory of a large batch of large images
+                return torch.cat([self._torch(batch[i:i + TORCH_CHUNK], nhwc, mode, integer) for i in range(0, n, TORCH_CHUNK)])
         return self._numpy(batch, nhwc, mode)
 
     # ---- host ---------------------------------------------------------------------------------
@@ -173,8 +175,7 @@ class TensorPreparer:
             passes = [(3, w, tw, left), (2, h, th, top)]
             for axis, size, target, start in passes if horizontal_first(w, h, tw, th) else passes[::-1]:
                 if target != size:
-                    weights = pil_weights(size, target)[start:start + cfg.crop_size].astype(np.float64)
-                    x = resample_axis(torch, x, torch.from_numpy(weights).to(x.device), axis)
+                    x = resample_axis(torch, x, crop_weights(size, target, start, cfg.crop_size, x.device), axis)
                 else:
                     x = x.narrow(axis, start, cfg.crop_size)
             x = (x * cfg.rescale_factor).to(torch.float32)
@@ -185,3 +186,14 @@ class TensorPreparer:
         mean = torch.tensor(cfg.image_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(cfg.image_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous()
+
+
+@functools.lru_cache(maxsize=WEIGHT_CACHE_SIZE)
+def crop_weights(size: int, target: int, start: int, length: int, device: Any) -> Any:
+    """PIL's weights for resizing an axis of `size` pixels to `target`, only the `length` rows from `start`
+    that the crop keeps, as a float64 tensor on `device`: made and uploaded once per shape, not once per
+    chunk and pass. Shared, so read-only. A blocking `.to` has finished the upload when it returns, so a
+    chunk on any stream may read it."""
+    import torch
+
+    return torch.from_numpy(pil_weights(size, target)[start:start + length].astype(np.float64)).to(device)

@@ -2,7 +2,9 @@
 records the code, command and machine beside them; its round-robin timing is checked with a scripted
 clock, not with sleeps. A cell that fails for a real reason (a batch size the artifacts' ONNX graph
 refuses; a precision the backend does not run) becomes an error row while every other cell is measured,
-and the JSON holds what was measured even when the run is stopped."""
+and the JSON (and the rows' JSON lines, written first) hold what was measured even when the run is stopped.
+Backend specs carry backend options; the vision stage keeps batches in flight; the GPU memory probe
+survives CUDA bindings that raise."""
 
 from __future__ import annotations
 
@@ -15,15 +17,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from pickscore_runtime.backends import BACKENDS
-from pickscore_runtime.bench import DEFAULT_STAGES, PRESETS, STAGES, markdown_table, preset, run_bench, time_calls
+from helpers import load_quietly
+from pickscore_runtime import bench
+from pickscore_runtime.bench import (DEFAULT_STAGES, PRESETS, STAGES, VISION_BATCHES, BenchSpec, bench_inputs,
+                                     markdown_table, parse_backend_specs, preset, run_bench, stage_call, time_calls)
 from pickscore_runtime.cli import main
 from pickscore_runtime.errors import PickScoreError
 
 ROW_KEYS = {"backend", "precision", "device", "stage", "batch_size", "items_per_s", "p50_ms", "p95_ms", "peak_rss_mb",
-            "gpu_mem_mb", "error"}
+            "gpu_mem_mb", "error", "options"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -168,7 +173,7 @@ def test_a_failing_cell_is_an_error_row_and_the_rest_are_measured(batch_one, tmp
     assert sorted(json.loads(line)["stage"] + str(json.loads(line)["batch_size"]) for line in lines) == \
         sorted(r["stage"] + str(r["batch_size"]) for r in result["rows"])  # every row said once, as measured
     table = markdown_table(result)
-    assert "| onnx-cpu | fp32 | cpu | vision | 2 | error: " in table and table.count("\n") == len(result["rows"]) + 1
+    assert "| onnx-cpu | fp32 | - | cpu | vision | 2 | error: " in table and table.count("\n") == len(result["rows"]) + 1
 
 
 def test_the_json_holds_what_was_measured_when_the_run_is_stopped(tiny_artifacts, tmp_path):
@@ -192,8 +197,125 @@ def test_presets_name_runnable_scenarios():
     for name, p in PRESETS.items():
         assert p.about and p.batch_sizes and all(b >= 1 for b in p.batch_sizes) and p.min_calls >= 1, name
         assert set(p.stages) <= set(STAGES), name
-        for backend, precision in p.backends:
-            assert precision in BACKENDS[backend].precisions, (name, backend, precision)
-    assert preset("cpu").backends == (("torch", "fp32"), ("torch", "bf16"), ("onnx-cpu", "fp32"), ("onnx-cpu", "int8"))
+        for spec in p.backends:
+            assert spec.checked() is spec, name  # backend, precision and options as the registry declares them
+            assert parse_backend_specs(str(spec)) == [spec], name  # and written as the CLI reads them
+    assert [str(s) for s in preset("cpu").backends] == ["torch:fp32", "torch:bf16", "onnx-cpu:fp32", "onnx-cpu:int8"]
     with pytest.raises(PickScoreError, match="known: cpu, cpu-e2e"):
         preset("fastest")
+
+
+def test_the_gpu_preset_measures_eager_against_compiled_fp16_against_bf16_batch_1_to_256():
+    gpu = preset("gpu")
+    torch_cuda = {(s.precision, s.options) for s in gpu.backends if s.name == "torch-cuda"}
+    assert {("fp16", ()), ("bf16", ()), ("fp16", (("compile", True),)),
+            ("fp16", (("compile", True), ("cuda_graphs", True)))} <= torch_cuda
+    assert min(gpu.batch_sizes) == 1 and max(gpu.batch_sizes) == 256 and len(gpu.batch_sizes) >= 4
+
+
+# ---- backend options in specs ---------------------------------------------------------------------------
+def test_backend_specs_carry_backend_options_checked_against_the_registry():
+    specs = parse_backend_specs("onnx-cpu:int8,tensorrt:fp16:cuda_graphs=true,build=false,onnx-cpu")
+    assert specs == [BenchSpec("onnx-cpu", "int8"), BenchSpec("tensorrt", "fp16", (("cuda_graphs", True), ("build", False))),
+                     BenchSpec("onnx-cpu", None)]
+    assert str(specs[1]) == "tensorrt:fp16:cuda_graphs=true,build=false" and specs[1].options_text == "cuda_graphs=true,build=false"
+    for text in ("onnx-cpu", "tensorrt::cuda_graphs=true", "torch:bf16"):  # each spec is written as it is read
+        assert [str(s) for s in parse_backend_specs(text)] == [text]
+    with pytest.raises(PickScoreError, match="takes no option 'compile'"):
+        parse_backend_specs("onnx-cpu:fp32:compile=true")
+    with pytest.raises(PickScoreError, match="cuda_graphs of tensorrt takes bool, got 'yes'"):
+        parse_backend_specs("tensorrt:fp16:cuda_graphs=yes")
+    with pytest.raises(PickScoreError, match="comes before any backend"):
+        parse_backend_specs("cuda_graphs=true,tensorrt")
+    with pytest.raises(PickScoreError, match="runs fp16, fp32, not int8"):
+        parse_backend_specs("tensorrt:int8")
+
+
+def test_a_specs_options_reach_its_backend_and_label_its_rows(tiny_artifacts, tmp_path, monkeypatch):
+    """tensorrt cannot open here: its cells are error rows, which still name the options it was asked with."""
+    opened = []
+    real = bench.create_backend
+
+    def recording(artifacts, name, precision, **options):
+        opened.append((name, precision, options))
+        return real(artifacts, name, precision, **options)
+
+    monkeypatch.setattr(bench, "create_backend", recording)
+    result = run_bench(tiny_artifacts, ["onnx-cpu:fp32", "tensorrt:fp16:cuda_graphs=true"], [1], ["vision"], min_calls=1,
+                       min_seconds=0.0, output=tmp_path / "b.json")
+    assert opened[1] == ("tensorrt", "fp16", {"threads": None, "cuda_graphs": True})
+    (cpu, trt) = result["rows"]
+    assert (cpu["options"], cpu["error"]) == ("", None)
+    assert trt["options"] == "cuda_graphs=true" and "cannot run here" in trt["error"]
+    assert "| tensorrt | fp16 | cuda_graphs=true | cuda | vision | 1 | error: " in markdown_table(result)
+    assert bench.row_label(trt) == "tensorrt/fp16 (cuda_graphs=true)"
+
+
+# ---- the vision stage overlaps copies with compute ----------------------------------------------------
+class Recorded:
+    """A real backend with queue_depth 2 (a GPU backend's), recording each submit, each collect and each
+    synchronous call: which of them the bench's vision stage uses, and in what order."""
+
+    def __init__(self, backend):
+        self.inner, self.queue_depth, self.events = backend, 2, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def embed_images(self, pixels):
+        self.events.append("embed")
+        return self.inner.embed_images(pixels)
+
+    def submit_images(self, pixels):
+        k = sum(e.startswith("submit") for e in self.events)
+        self.events.append(f"submit {k}")
+        pending, events = self.inner.submit_images(pixels), self.events
+
+        class Pending:
+            def result(self):
+                events.append(f"result {k}")
+                return pending.result()
+        return Pending()
+
+
+def test_the_vision_stage_keeps_batches_in_flight(tiny_artifacts, tmp_path):
+    scorer = load_quietly(tiny_artifacts, precision="fp32")
+    inputs = bench_inputs(scorer, 2, tmp_path, 0, stages=("vision",))
+    scorer.backend = recorded = Recorded(scorer.backend)
+    call, items = stage_call(scorer, "vision", 2, inputs)
+    embeddings = call()
+    assert items == 2 * VISION_BATCHES == sum(len(e) for e in embeddings)
+    # each batch is submitted before the one before it is collected: its copy overlaps that one's compute
+    assert recorded.events == ["submit 0", "submit 1", "result 0", "submit 2", "result 1", "submit 3", "result 2", "result 3"]
+    np.testing.assert_allclose(embeddings[-1], scorer.backend.inner.embed_images(inputs.pixels[:2]), atol=1e-6)
+    scorer.close()
+
+
+def test_the_gpu_memory_probe_survives_bindings_that_raise_without_a_driver(monkeypatch):
+    """Some cuda-bindings releases raise RuntimeError("Failed to dlopen libcuda.so.1") instead of returning an
+    error code; the probe then has no figure, and the bench goes on."""
+    from pickscore_runtime import cuda_memory
+
+    def no_driver():
+        raise RuntimeError("Failed to dlopen libcuda.so.1")
+
+    monkeypatch.setattr(cuda_memory, "memory_in_use_mb", no_driver)
+    assert bench.gpu_memory_probe() is None  # no torch with CUDA here either
+
+
+# ---- rows written as they are measured -------------------------------------------------------------------
+def test_rows_are_appended_as_json_lines_before_the_json_is_rewritten(tiny_artifacts, tmp_path, monkeypatch):
+    """A run killed while it rewrites the JSON (here: stopped inside that write) still leaves every row measured
+    so far in the JSON-lines file beside it."""
+    def killed(path, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "write_json", killed)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny_artifacts, ["onnx-cpu:fp32", "onnx-cpu:int8"], [1, 2], ["vision"], min_calls=1, min_seconds=0.0,
+                  output=out)
+    assert not out.exists()
+    lines = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert [(r["precision"], r["batch_size"]) for r in lines] == [("fp32", 1), ("int8", 1)]
+    assert all(set(r) == ROW_KEYS and r["items_per_s"] > 0 for r in lines)

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -254,31 +255,14 @@ def test_gpu_backends_that_cannot_run_exit_2_naming_why_and_the_extra(tiny_artif
     assert f"backend {backend} cannot run here" in out.stderr and says in out.stderr and f"[{extra}]" in out.stderr
 
 
-def test_missing_cuda_python_names_the_extra():
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "cuda":
-                    raise ImportError("blocked: " + name, name=name)
-        sys.meta_path.insert(0, Block())
-        from pickscore_runtime.cuda_memory import current_device
-        from pickscore_runtime.errors import MissingExtraError
-        try:
-            current_device()
-        except MissingExtraError as e:
-            print("MISSING", e)
-    """)], capture_output=True, text=True, timeout=120)
-    assert "MISSING CUDA buffers for the GPU backends (cuda-python) needs cuda" in out.stdout, out.stderr[-2000:]
-    assert "pip install 'pickscore-runtime[tensorrt]'" in out.stdout
+def test_tensorrt_older_than_10_1_is_refused_naming_the_version(monkeypatch):
+    """Execution contexts that share one memory block need TensorRT 10.1's set_device_memory(ptr, size).
+    (cuda-python without a driver: tests/test_tensorrt_logic.py.)"""
+    from pickscore_runtime.engines.build import load_tensorrt
 
-
-@pytest.mark.skipif(HAS_GPU or importlib.util.find_spec("cuda") is None, reason="needs cuda-python on a machine without a GPU")
-def test_cuda_without_a_driver_is_a_setup_error_not_a_crash():
-    from pickscore_runtime.cuda_memory import current_device
-
-    with pytest.raises(BackendUnavailableError, match="CUDA cannot run here: cudaGetDevice: cudaError"):
-        current_device()
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.0.1.6"))
+    with pytest.raises(BackendUnavailableError, match=r"the tensorrt backend needs TensorRT 10\.1 or newer, this is 10\.0\.1\.6"):
+        load_tensorrt("the tensorrt backend")
 
 
 def test_the_engine_build_command_in_messages_has_the_flags_that_differ(tmp_path):

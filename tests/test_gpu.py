@@ -28,6 +28,17 @@ tensorrt = pytest.mark.skipif(REASONS["tensorrt"] is not None, reason=f"tensorrt
 torch_cuda = pytest.mark.skipif(REASONS["torch-cuda"] is not None, reason=f"torch-cuda: {REASONS['torch-cuda']}")
 # Small, quick engines for the tiny CLIP: the profile holds the default batch (64).
 TEST_FLAGS = dict(max_batch=64, opt_batch=8, opt_level=1)
+# Two runs of one GPU engine on one input need not be bitwise equal: TensorRT and cuDNN may pick tactics
+# that reduce with atomics (split-K GEMMs, some reductions), whose float sums come in a different order
+# each run. The towers' outputs are L2-normalised (|x| <= 1), so a reordered fp32 sum moves them by a few
+# ulps of 1 (float32 eps = 1.2e-7): 1e-5 leaves 80x that, and stays 10x under the 1e-4 they are held to
+# against the CPU below. In fp16 a reordering can flip one fp16 rounding (eps 9.8e-4) inside the tower,
+# which the later layers carry: 2e-3, as for graphs against plain runs.
+RUN_TO_RUN = {"fp32": 1e-5, "fp16": 2e-3}
+
+
+def assert_same_run(got, want, precision: str) -> None:
+    np.testing.assert_allclose(got, want, rtol=0, atol=RUN_TO_RUN[precision])
 
 
 def pixels(n: int, seed: int = 0) -> np.ndarray:
@@ -115,6 +126,19 @@ def test_torch_backend_runs_a_tensor_as_it_is(tiny_artifacts):
     scorer.close()
 
 
+def test_gpu_runs_are_compared_with_a_tolerance_not_bitwise():
+    """The gpu tests below run where CI cannot: this keeps them from asserting bitwise equality between
+    two GPU runs, which atomics-based tactics break (RUN_TO_RUN says why and how much)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(__file__).read_text())
+    bitwise = [f"{f.name}:{node.lineno}" for f in tree.body if isinstance(f, ast.FunctionDef)
+               and any("gpu" in ast.unparse(d) for d in f.decorator_list)
+               for node in ast.walk(f) if isinstance(node, ast.Attribute) and node.attr == "assert_array_equal"]
+    assert not bitwise, bitwise
+
+
 # ---- onnx-cuda --------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @onnx_cuda
@@ -134,7 +158,7 @@ def test_onnx_cuda_binds_device_arrays_and_replays_cuda_graphs(tiny_artifacts):
     with create_backend(artifacts, "onnx-cuda", "fp16", batch_size=4) as plain, \
             create_backend(artifacts, "onnx-cuda", "fp16", batch_size=4, cuda_graphs=True, graph_buckets=(1, 4)) as graphs:
         want = plain.embed_images(x)
-        np.testing.assert_array_equal(plain.embed_images(cuda_tensor(x)), want)
+        assert_same_run(plain.embed_images(cuda_tensor(x)), want, "fp16")
         for _ in range(3):  # capture, then replays
             for n in (1, 3, 4, 6):
                 np.testing.assert_allclose(graphs.embed_images(x[:n]), want[:n], atol=2e-3)
@@ -191,11 +215,11 @@ def test_tensorrt_overlap_device_arrays_graphs_splits_and_threads(trt_artifacts)
         want = np.concatenate([trt.embed_images(x[i:i + 8]) for i in range(0, 16, 8)])
         np.testing.assert_allclose(want, cpu.embed_images(x[:16]), atol=1e-4)
         first, second = trt.submit_images(x[:8]), trt.submit_images(x[8:16])  # the second copies while the first computes
-        np.testing.assert_array_equal(np.concatenate([first.result(), second.result()]), want)
+        assert_same_run(np.concatenate([first.result(), second.result()]), want, "fp32")
         held = [trt.submit_images(x[i:i + 8]) for i in (0, 8, 0)]  # a slot is reused: the batch it held is kept
-        np.testing.assert_array_equal(held[0].result(), want[:8])
-        np.testing.assert_array_equal(trt.embed_images(cuda_tensor(x[:16], synchronized=False)),
-                                      trt.embed_images(x[:16]))  # bound in place, after the producer's copy
+        assert_same_run(held[0].result(), want[:8], "fp32")
+        assert_same_run(trt.embed_images(cuda_tensor(x[:16], synchronized=False)), trt.embed_images(x[:16]),
+                        "fp32")  # bound in place, after the producer's copy
         np.testing.assert_allclose(trt.embed_images(x), cpu.embed_images(x), atol=1e-4)  # 70 > 64: split
         results = {}
         threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, trt.embed_images(x[i:i + 8]))) for i in range(0, 64, 8)]
@@ -210,9 +234,10 @@ def test_tensorrt_overlap_device_arrays_graphs_splits_and_threads(trt_artifacts)
     trt.close()  # idempotent
     with create_backend(artifacts, "tensorrt", "fp16", batch_size=8, cuda_graphs=True) as graphs, \
             create_backend(artifacts, "tensorrt", "fp16", batch_size=8) as plain:
-        for _ in range(3):  # the first call of a (slot, batch) captures, the later ones replay
-            for n in (1, 3, 8):
-                np.testing.assert_allclose(graphs.embed_images(x[:n]), plain.embed_images(x[:n]), atol=1e-5)
+        for round_ in range(3):  # the first call of a (slot, batch) captures, the later ones replay, between
+            y = pixels(8, seed=round_)  # other shapes, on new pixels (a replay reading stale state shows)
+            for n in (1, 3, 8, 2, 3):
+                assert_same_run(graphs.embed_images(y[:n]), plain.embed_images(y[:n]), "fp16")
 
 
 @pytest.mark.gpu

@@ -1,6 +1,8 @@
 """A fresh clone, or the wheel alone, is the whole product: every package and model file is declared (and
 the built wheel holds them), PickScore's own config and tokenizer files ship inside it so `--random-init`
-works offline with no path, there is one version, and one ONNX Runtime: [cpu] or [gpu], never both."""
+works offline with no path, there is one version, and one ONNX Runtime: [cpu] or [gpu], never both. Each GPU
+stack's pins hold together: a TensorRT variant and cuda-python of one CUDA major, no cuda-python without
+`cuda.bindings`, an onnxruntime-gpu with the options onnx-cuda sets."""
 
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def test_extras_pair_the_onnxruntimes_and_build_on_each_other():
     extras = pyproject()["project"]["optional-dependencies"]
     base = pyproject()["project"]["dependencies"]
     assert not [r for r in base if r.startswith("onnxruntime")], "the base install takes neither onnxruntime"
-    assert extras["cpu"] == ["onnxruntime>=1.17"] and extras["gpu"] == ["onnxruntime-gpu>=1.17"]
+    assert extras["cpu"] == ["onnxruntime>=1.17"] and extras["gpu"] == ["onnxruntime-gpu>=1.18"]
     assert extras["test"][0] == "pickscore-runtime[cpu,all,testing]"
     assert extras["all"] == ["pickscore-runtime[export,parquet,ray,bench,server,serve-ray]"]
 
@@ -211,14 +213,13 @@ def test_without_onnxruntime_the_runtime_imports_and_the_onnx_backends_name_both
     assert out.returncode == 0 and "NO_ORT_OK" in out.stdout, out.stderr[-3000:]
 
 
-# ---- the wheel itself ---------------------------------------------------------------------------------
-def required_distributions(metadata: str, extras: set[str]) -> set[str]:
-    """The distributions a `pip install pickscore-runtime[extras]` requires directly (self-references expanded)."""
-    from packaging.requirements import Requirement
+# ---- the GPU stacks' pins ------------------------------------------------------------------------------
+def requirements_of(reqs: list, extras: set[str]) -> list:
+    """The requirements a `pip install pickscore-runtime[extras]` resolves to directly, as packaging
+    Requirements (self-references expanded); `reqs`: the Requires-Dist lines, markers and all."""
     from packaging.utils import canonicalize_name
 
-    reqs = [Requirement(r) for r in Parser().parsestr(metadata).get_all("Requires-Dist")]
-    todo, seen, names = list(extras) + [""], set(), set()
+    todo, seen, out = list(extras) + [""], set(), []
     while todo:
         extra = todo.pop()
         if extra in seen:
@@ -229,8 +230,67 @@ def required_distributions(metadata: str, extras: set[str]) -> set[str]:
                 if canonicalize_name(req.name) == "pickscore-runtime":
                     todo += sorted(req.extras)
                 else:
-                    names.add(canonicalize_name(req.name))
-    return names
+                    out.append(req)
+    return out
+
+
+def required_distributions(metadata: str, extras: set[str]) -> set[str]:
+    """The distributions a `pip install pickscore-runtime[extras]` requires directly (self-references expanded)."""
+    from packaging.utils import canonicalize_name
+
+    return {canonicalize_name(r.name) for r in requirements_of(metadata_requirements(metadata), extras)}
+
+
+def metadata_requirements(metadata: str) -> list:
+    from packaging.requirements import Requirement
+
+    return [Requirement(r) for r in Parser().parsestr(metadata).get_all("Requires-Dist")]
+
+
+def pyproject_requirements() -> list:
+    """pyproject.toml's dependencies as the wheel's METADATA writes them (each extra's with its marker)."""
+    from packaging.requirements import Requirement
+
+    project = pyproject()["project"]
+    return [Requirement(r) for r in project["dependencies"]] + [
+        Requirement(f'{r}; extra == "{extra}"') for extra, rs in project["optional-dependencies"].items() for r in rs]
+
+
+def majors(specifier, candidates: range) -> set[int]:
+    """The major versions a specifier admits some release of (x.0.0 ... x.19.9 tried)."""
+    return {m for m in candidates if any(specifier.contains(f"{m}.{n}.{p}") for n in range(20) for p in range(10))}
+
+
+def check_gpu_pins(reqs: list) -> None:
+    """[tensorrt-cu12] and [tensorrt-cu13]: TensorRT 10/11 built for CUDA N and cuda-python N.x, the same N;
+    [tensorrt] is the CUDA 13 one; no cuda-python anywhere admits 12.6.0 (no cuda.bindings); onnxruntime-gpu
+    is 1.18 or later (the CUDA provider's use_tf32)."""
+    from packaging.utils import canonicalize_name
+
+    base = {canonicalize_name(r.name) for r in requirements_of(reqs, set())}
+
+    def pins(extra: str) -> dict:  # what the extra adds to the base install
+        return {canonicalize_name(r.name): r.specifier for r in requirements_of(reqs, {extra})
+                if canonicalize_name(r.name) not in base}
+
+    for major in (12, 13):
+        got = pins(f"tensorrt-cu{major}")
+        assert set(got) == {f"tensorrt-cu{major}", "cuda-python"}, got
+        assert majors(got["cuda-python"], range(10, 16)) == {major}, got
+        assert majors(got[f"tensorrt-cu{major}"], range(8, 14)) == {10, 11}, got
+    assert pins("tensorrt") == pins("tensorrt-cu13")
+    cuda_pythons = [r for r in reqs if canonicalize_name(r.name) == "cuda-python"]
+    assert cuda_pythons and not [r for r in cuda_pythons if r.specifier.contains("12.6.0")], cuda_pythons
+    assert all(r.specifier.contains("12.6.2") or r.specifier.contains("13.0.0") for r in cuda_pythons)
+    (ort_gpu,) = [r for r in reqs if canonicalize_name(r.name) == "onnxruntime-gpu"]
+    assert not ort_gpu.specifier.contains("1.17.3") and ort_gpu.specifier.contains("1.18.0"), ort_gpu
+
+
+def test_each_gpu_stack_pins_one_cuda_major():
+    check_gpu_pins(pyproject_requirements())
+
+
+# ---- the wheel itself ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +329,8 @@ def test_the_wheel_metadata_has_one_version_and_one_onnxruntime(wheel):
     assert wheel.name.startswith(f"pickscore_runtime-{pickscore_runtime.__version__}-")
     assert parsed["License-Expression"] == "Apache-2.0"
     extras = set(parsed.get_all("Provides-Extra"))
-    assert {"cpu", "gpu", "export", "all", "test", "testing"} <= extras
+    assert {"cpu", "gpu", "export", "all", "test", "testing", "tensorrt", "tensorrt-cu12", "tensorrt-cu13"} <= extras
+    check_gpu_pins(metadata_requirements(metadata))  # as pip resolves them from the wheel
 
     base = required_distributions(metadata, set())
     assert not base & {"onnxruntime", "onnxruntime-gpu"}, base

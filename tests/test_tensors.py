@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from pickscore_export.samples import synthetic_image
+from pickscore_runtime import tensor_images
 from pickscore_runtime.errors import ImageError
 from pickscore_runtime.resample import horizontal_first, output_size, pil_weights, resample_axis
+from pickscore_runtime.tensor_images import MODES, TORCH_CHUNK
 from pickscore_runtime.rewards import PickScoreReward, RewardError
 
 SIZES = [(64, 48), (224, 224), (300, 900), (513, 512), (1024, 768), (224, 1000), (2000, 230)]
@@ -139,6 +141,42 @@ def test_reward_function_in_process(tiny_scorer, tmp_path):
         reward_fn([u8[0], str(broken)], prompts[:2])
     nan_rewards, info = PickScoreReward(tiny_scorer, on_error="nan")([u8[0], str(broken)], prompts[:2])
     assert np.isfinite(nan_rewards[0]) and np.isnan(nan_rewards[1]) and "cannot decode" in info["errors"][1]
+
+
+def test_a_batch_that_requires_grad_scores_like_its_detached_self(tiny_scorer):
+    """RL generations carry gradients: they are read detached, and preprocessing records no graph."""
+    u8 = batch_of((300, 200))
+    generated = (torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255).requires_grad_(True)
+    detached = generated.detach().clone()
+    for mode in MODES:
+        pixels = tiny_scorer.tensors(generated, mode)
+        assert not pixels.requires_grad and pixels.grad_fn is None
+        np.testing.assert_array_equal(pixels.numpy(), tiny_scorer.tensors(detached, mode).numpy())
+        np.testing.assert_array_equal(tiny_scorer.score_tensors(["a cat"] * 3, generated, mode),
+                                      tiny_scorer.score_tensors(["a cat"] * 3, detached, mode))
+    assert generated.requires_grad and generated.grad is None
+
+
+def test_resize_weights_are_made_once_per_shape_not_per_chunk(tiny_scorer, monkeypatch):
+    """A multi-chunk batch computes and uploads PIL's weights once per pass, and its pixels still equal PIL's."""
+    n = 2 * TORCH_CHUNK + 3  # three chunks
+    u8 = np.random.default_rng(1).integers(0, 256, (n, 300, 200, 3), dtype=np.uint8)
+    tw, th = output_size(200, 300, tiny_scorer.tensors.config.shortest_edge)
+    assert tw != 200 and th != 300  # both passes resize
+    made = []
+
+    def counted(size, target):
+        made.append((size, target))
+        return pil_weights(size, target)
+
+    monkeypatch.setattr(tensor_images, "pil_weights", counted)
+    tensor_images.crop_weights.cache_clear()
+    got = tiny_scorer.tensors(torch.from_numpy(u8), "exact").numpy()
+    assert sorted(made) == sorted([(200, tw), (300, th)])  # one per pass (was one per chunk and pass: 6)
+    np.testing.assert_array_equal(tiny_scorer.tensors(torch.from_numpy(u8), "exact").numpy(), got)  # cached: same
+    assert len(made) == 2
+    want = np.stack([tiny_scorer.preprocessor(Image.fromarray(img)) for img in u8])
+    assert np.abs(got - want).max() <= 1e-5
 
 
 @pytest.mark.gpu

@@ -3,7 +3,8 @@ bucketed batch sizes. Written device-agnostic: the same code runs on "cpu", whic
 
 - `BoundRunner`: the input goes to the device once (or is bound in place when it already lives there)
   and the output stays on the device until it is copied back once, instead of ONNX Runtime's default
-  round trip through its own host-side buffers.
+  round trip through its own host-side buffers. A device array is bound only after its producer's
+  writes are done (see `BoundRunner.run`).
 - `BucketedRunner`: ONNX Runtime's CUDA graphs need fixed shapes and fixed input/output addresses. So
   each bucket (a batch size) gets its own session, with the batch axis fixed by a free-dimension
   override (which also lets ONNX Runtime fold the shape arithmetic that would otherwise run on the
@@ -21,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..buckets import bucket_for, row_chunks
 from ..device_arrays import DeviceArrayView
 from ..towers import TowerSpec
 
@@ -32,6 +34,17 @@ class BoundRunner:
         self.session, self.spec, self.device, self.device_id = session, spec, device, device_id
 
     def run(self, x: np.ndarray | DeviceArrayView) -> np.ndarray:
+        """Run on a host array, or on a device array bound in place.
+
+        A device array may still be being written by its producer (torch, CuPy, ...) on the producer's
+        stream, while ONNX Runtime's CUDA EP computes on a non-blocking stream of its own that waits for
+        no other. So before the run, `synchronize_inputs()` (ONNX Runtime's call for memory "operated on
+        a different stream"; for the CUDA EP a cudaDeviceSynchronize) waits on the host for all work
+        queued on the device, the producer's stream whichever it is included: what DLPack's stream
+        contract and the CUDA array interface's `stream` key ask a consumer to order. Not ONNX Runtime's
+        `user_compute_stream`: it is fixed when the session is made, while the producer's stream can
+        change from call to call, and ONNX Runtime takes torch's default stream (handle 0) for "none".
+        Not run on a GPU yet."""
         name = self.spec.input.name
         binding = self.session.io_binding()
         if isinstance(x, DeviceArrayView):
@@ -39,6 +52,7 @@ class BoundRunner:
                 raise ValueError(f"{name} lives on {x.device}, this session runs on {self.device}")
             device_id = self.device_id if x.device_id < 0 else x.device_id
             binding.bind_input(name, x.device, device_id, x.dtype.type, list(x.shape), x.ptr)
+            binding.synchronize_inputs()
         else:
             binding.bind_cpu_input(name, np.ascontiguousarray(x))
         binding.bind_output(self.spec.output.name, self.device, self.device_id)
@@ -73,16 +87,12 @@ class BucketedRunner:
             binding.bind_ortvalue_output(spec.output.name, y)
             self._bound[b] = (session, binding, x, y)
 
-    def bucket(self, n: int) -> int:
-        return next((b for b in self.buckets if b >= n), self.buckets[-1])
-
     def run(self, x: np.ndarray) -> np.ndarray:
-        largest = self.buckets[-1]
-        return np.concatenate([self._run_padded(x[i : i + largest]) for i in range(0, len(x), largest)]) \
-            if len(x) > largest else self._run_padded(x)
+        chunks = row_chunks(len(x), self.buckets[-1])
+        return self._run_padded(x) if len(chunks) == 1 else np.concatenate([self._run_padded(x[c]) for c in chunks])
 
     def _run_padded(self, x: np.ndarray) -> np.ndarray:
-        n, b = len(x), self.bucket(len(x))
+        n, b = len(x), bucket_for(len(x), self.buckets)
         padded = x if n == b else np.concatenate([x, np.zeros((b - n, *x.shape[1:]), x.dtype)])
         session, binding, x_value, _ = self._bound[b]
         with self._lock:

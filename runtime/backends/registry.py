@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
 import logging
 import os
 import warnings
@@ -17,6 +16,7 @@ from typing import Callable
 from ..artifacts import Artifacts
 from ..errors import BackendUnavailableError, PickScoreError
 from ..gate_records import gate_status
+from ..optional import findable
 from ..precisions import EXACT, NAMES
 from .base import Backend
 
@@ -24,7 +24,9 @@ log = logging.getLogger("pickscore")
 
 
 def _missing(*modules: str) -> str | None:
-    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    """modules: import names, or (import name, what to call it) pairs."""
+    pairs = [(m, m) if isinstance(m, str) else m for m in modules]
+    absent = [name for module, name in pairs if not findable(module)]
     return f"{', '.join(absent)} not installed" if absent else None
 
 
@@ -51,7 +53,9 @@ def _probe_onnx_cuda() -> str | None:
 
 
 def _probe_tensorrt() -> str | None:
-    return _no_nvidia_gpu() or _missing("tensorrt", "cuda")
+    # cuda.bindings, not cuda: any cuda.* namespace package (cuda-pathfinder, cuda-core, cuda-python 12.6.0,
+    # which has no bindings) provides `cuda`
+    return _no_nvidia_gpu() or _missing("tensorrt", ("cuda.bindings", "cuda-python>=12.6.1 (cuda.bindings)"))
 
 
 def _probe_torch() -> str | None:
@@ -86,7 +90,8 @@ class BackendOption:
 
 CUDA_GRAPHS = BackendOption("cuda_graphs", bool, "replay CUDA graphs for the vision tower (fixed-shape batches)")
 TORCH_OPTIONS = (BackendOption("model_source", object, "where the weights come from (default: the artifacts' own source)"),
-                 BackendOption("clip", object, "an already loaded transformers CLIPModel to run"))
+                 BackendOption("clip", object, "an already loaded transformers CLIPModel to run"),
+                 BackendOption("compile", bool, "run each tower through torch.compile (inductor), one trace for all batch sizes"))
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ BACKENDS: dict[str, BackendInfo] = {b.name: b for b in (
                 (CUDA_GRAPHS, BackendOption("graph_buckets", tuple, "with cuda_graphs: the batch sizes captured"))),
     BackendInfo("torch-cuda", "cuda", "pickscore_runtime.backends.torch_backend", ("fp16", "bf16", "fp32"), ("fp16",), 64,
                 "weights", "torch", _probe_torch_cuda, "transformers CLIPModel on the GPU (SDPA), from the weights",
-                TORCH_OPTIONS),
+                TORCH_OPTIONS + (CUDA_GRAPHS,)),
     BackendInfo("onnx-cpu", "cpu", "pickscore_runtime.backends.onnxruntime", ("fp32", "int8", "fp16"), ("int8", "fp32", "fp16"), 8,
                 "artifacts", "", _probe_onnx_cpu, "ONNX Runtime on the CPU"),
     BackendInfo("torch", "cpu", "pickscore_runtime.backends.torch_backend", ("fp32", "bf16"), ("fp32",), 8,

@@ -2,7 +2,8 @@
 GPU (runtime/engines), run without torch through cuda-python.
 
 - Buffers are allocated once, for the profile's largest batch: two vision slots (pinned host input,
-  device input, device output, pinned host output) and one for text.
+  device input, device output, pinned host output) and one for text. A host batch is copied once on the
+  host, from the caller's array (any layout) straight into its slot's pinned memory.
 - `submit_images` copies a batch to its slot's device input on a copy stream while the previous batch
   computes on the compute stream (`queue_depth = 2`: the pipeline keeps two batches submitted), then
   enqueues the engine behind that copy; `result()` waits for the batch's own event only.
@@ -10,15 +11,16 @@ GPU (runtime/engines), run without torch through cuda-python.
   tensor, a CuPy array) is bound in place: no copy through the host. DLPack producers order their
   pending writes before our compute stream reads them.
 - `cuda_graphs=True` captures one CUDA graph per (slot, batch size) for host inputs and replays it:
-  one launch per batch instead of one per kernel, which matters at small batches.
+  one launch per batch instead of one per kernel, which matters at small batches. Each graph has an
+  execution context of its own (engines/contexts.py says why).
 
 A batch larger than the engine's profile is split. A scorer may be used from several threads: enqueues
-take a lock, and a slot is reused only after its previous batch has been collected.
+(and graph captures) take a lock, and a slot is reused only after its previous batch has been collected.
+Not run on a GPU yet: tests/test_tensorrt_logic.py runs this logic on fake engines and a fake CUDA runtime.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any, Callable
 
@@ -26,66 +28,35 @@ import numpy as np
 
 from ..artifacts import Artifacts
 from ..console import say as stderr  # the default for a build's progress lines
-from ..cuda_memory import CudaError, DeviceBuffer, Event, Graph, PinnedArray, Stream, cudart, current_device
+from ..cuda_memory import DeviceBuffer, Event, PinnedArray, Stream, cudart, current_device, free_all
 from ..device_arrays import DeviceArrayView, device_view, is_device_array
-from ..engines.build import (build_command, engine_key, ensure_engine, load_tensorrt, machine_environment, read_engine,
-                             trt_logger)
+from ..engines.build import build_command, engine_key, ensure_engine, load_tensorrt, machine_environment, trt_logger
+from ..engines.contexts import StreamContexts, TowerEngine
 from ..engines.profiles import DEFAULT_MAX_BATCH, BuildFlags
-from ..engines.records import EngineMismatchError, EngineRecord
+from ..engines.records import EngineMismatchError
 from ..engines.store import EngineStore
 from ..errors import PickScoreError
 from ..towers import TOWERS, TensorSpec, TowerSpec
 from .base import BackendBase
 
-log = logging.getLogger("pickscore")
 
-
-def free_all(*things: Any) -> None:
-    """free() each (None skipped), going on past failures; the first failure is raised at the end."""
-    first = None
-    for thing in things:
-        try:
-            if thing is not None:
-                thing.free()
-        except Exception as e:  # noqa: BLE001 - release everything we can, then report
-            first = first or e
-    if first is not None:
-        raise first
-
-
-class TowerEngine:
-    """One deserialized engine and its execution context, checked against the tower spec."""
-
-    def __init__(self, trt: Any, runtime: Any, path: Any, record: EngineRecord, spec: TowerSpec, rebuild: str):
-        with read_engine(path) as data:
-            self.engine = runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise EngineMismatchError(f"TensorRT could not deserialize {path} (its log above says why); rebuild it "
-                                      f"with `{rebuild} --force`")
-        self.spec, self.record = spec, record
-        self.input, self.output = spec.input.name, spec.output.name
-        for tensor in (spec.input, spec.output):
-            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(tensor.name)))
-            if dtype != np.dtype(tensor.dtype):
-                raise EngineMismatchError(f"{path}: {tensor.name} is {dtype}, the tower spec says {tensor.dtype}")
-        _, _, most = self.engine.get_tensor_profile_shape(self.input, 0)
-        self.max_shape = tuple(int(d) for d in most)
-        self.max_batch = self.max_shape[0]
-        self.width = int(spec.output.shape[1])
-        self.context = self.engine.create_execution_context()
-
-    def enqueue(self, stream: Stream, in_ptr: int, out_ptr: int, shape: tuple[int, ...]) -> None:
-        ctx = self.context
-        if not ctx.set_input_shape(self.input, shape):
-            raise PickScoreError(f"{self.spec.name} engine: input shape {shape} is outside its profile (max {self.max_shape})")
-        ctx.set_tensor_address(self.input, in_ptr)
-        ctx.set_tensor_address(self.output, out_ptr)
-        if not ctx.execute_async_v3(stream.handle):
-            raise CudaError(f"TensorRT could not enqueue the {self.spec.name} engine for shape {shape} (its log says why)")
-
-    def free(self) -> None:
-        self.context = None  # the context goes before its engine
-        self.engine = None
+def open_engines(trt: Any, artifacts: Artifacts, specs: dict[str, TowerSpec], precision: str, batch_size: int,
+                 build: bool, engine_flags: BuildFlags | None,
+                 progress: Callable[[str], None]) -> tuple[Any, dict[str, TowerEngine], dict[str, str]]:
+    """The TensorRT runtime (kept alive as long as its engines), each tower's engine, and its file: a
+    stored engine for this machine, built first when none fits and `build` allows."""
+    env = machine_environment(trt)
+    flags = engine_flags or BuildFlags(max_batch=max(DEFAULT_MAX_BATCH, batch_size))
+    store = EngineStore(artifacts)
+    runtime = trt.Runtime(trt_logger(trt))
+    engines, files = {}, {}
+    for tower in TOWERS:
+        key = engine_key(artifacts, tower, precision, env, flags)
+        record, path = ensure_engine(trt, store, key, batch_size, engine_flags is not None, build, progress)
+        engines[tower] = TowerEngine.load(trt, runtime, path, specs[tower],
+                                          build_command(artifacts.root, precision, record.key.flags))
+        files[tower] = str(path)
+    return runtime, engines, files
 
 
 class Slot:
@@ -146,30 +117,26 @@ class TensorRTBackend(BackendBase):
         cudart()  # cuda-python is part of the [tensorrt] extra: say so before touching the GPU
         self.precision, self.batch_size, self.cuda_graphs = precision, batch_size, cuda_graphs
         self.lock = threading.Lock()
-        self._closed, self._next, self._graphs, self._graph_failed = False, 0, {}, False
+        self._closed, self._next, self._runtime = False, 0, None
         self._engines: dict[str, TowerEngine] = {}
+        self._runs: dict[str, StreamContexts] = {}
         self._slots: list[Slot] = []
         self._text_slot: Slot | None = None
         self._copy = self._compute = None
         self.cuda_device = current_device()
-        env = machine_environment(trt)
-        flags = engine_flags or BuildFlags(max_batch=max(DEFAULT_MAX_BATCH, batch_size))
-        store = EngineStore(artifacts)
         specs = self.specs = artifacts.specs()
         self.engine_files: dict[str, str] = {}
         try:
-            self._runtime = trt.Runtime(trt_logger(trt))
-            for tower in TOWERS:
-                key = engine_key(artifacts, tower, precision, env, flags)
-                record, path = ensure_engine(trt, store, key, batch_size, engine_flags is not None, build, progress)
-                self._engines[tower] = TowerEngine(trt, self._runtime, path, record, specs[tower],
-                                                   build_command(artifacts.root, precision, record.key.flags))
-                self.engine_files[tower] = str(path)
+            self._runtime, self._engines, self.engine_files = open_engines(trt, artifacts, specs, precision, batch_size,
+                                                                           build, engine_flags, progress)
             vision, text = self._engines["vision"], self._engines["text"]
             if batch_size > vision.max_batch:
                 raise EngineMismatchError(f"batch size {batch_size} exceeds the vision engine's profile (max batch "
                                           f"{vision.max_batch}); build one with --max-batch {batch_size}")
             self._copy, self._compute = Stream(), Stream()
+            # every engine run goes on the compute stream, so each engine's contexts share one memory block
+            for tower, engine in self._engines.items():
+                self._runs[tower] = StreamContexts(engine, self._compute)
             self._slots = [Slot(i, specs["vision"].input, vision.max_shape, vision.width) for i in range(self.queue_depth)]
             self._text_slot = Slot(-1, specs["text"].input, text.max_shape, text.width)
         except BaseException:
@@ -178,16 +145,15 @@ class TensorRTBackend(BackendBase):
 
     # ---- text (inputs checked by BackendBase) -------------------------------------------------
     def _infer_text(self, input_ids: np.ndarray) -> np.ndarray:
-        ids = np.ascontiguousarray(input_ids)
         engine = self._engines_or_closed()["text"]
         out = []
         with self.lock:
-            slot, stream = self._text_slot, self._compute
-            for start in range(0, len(ids), engine.max_batch):
-                chunk = ids[start : start + engine.max_batch]
-                slot.host_in.view(chunk.shape)[...] = chunk
+            slot, stream, run = self._text_slot, self._compute, self._runs["text"]
+            for start in range(0, len(input_ids), engine.max_batch):
+                chunk = input_ids[start : start + engine.max_batch]
+                np.copyto(slot.host_in.view(chunk.shape), chunk)  # the one host copy, from any layout
                 stream.copy_to_device(slot.dev_in.ptr, slot.host_in.ptr, chunk.nbytes)
-                engine.enqueue(stream, slot.dev_in.ptr, slot.dev_out.ptr, chunk.shape)
+                run.run(slot.dev_in.ptr, slot.dev_out.ptr, chunk.shape)
                 stream.copy_to_host(slot.host_out.ptr, slot.dev_out.ptr, len(chunk) * engine.width * 4)
                 slot.done.record(stream)
                 slot.done.synchronize()
@@ -201,17 +167,18 @@ class TensorRTBackend(BackendBase):
     def _submit_images(self, pixel_values: Any) -> PendingBatch | Joined:
         engine = self._engines_or_closed()["vision"]
         if is_device_array(pixel_values):
-            view = self._device_input(pixel_values)
-            per_image = view.nbytes // max(view.shape[0], 1)
-            parts = [self._submit_device(view, start, min(engine.max_batch, view.shape[0] - start), per_image)
-                     for start in range(0, view.shape[0], engine.max_batch)]
-        else:
-            pixels = np.ascontiguousarray(pixel_values)
-            parts = [self._submit_host(pixels[start : start + engine.max_batch])
-                     for start in range(0, len(pixels), engine.max_batch)]
+            with self.lock:  # the producer's hand-off queues a wait on the compute stream: never during a capture
+                view = self._device_input(pixel_values)
+                per_image = view.nbytes // max(view.shape[0], 1)
+                parts = [self._submit_device(view, start, min(engine.max_batch, view.shape[0] - start), per_image)
+                         for start in range(0, view.shape[0], engine.max_batch)]
+        else:  # not made contiguous here: _submit_host copies each part straight into pinned memory
+            parts = [self._submit_host(pixel_values[start : start + engine.max_batch])
+                     for start in range(0, len(pixel_values), engine.max_batch)]
         return parts[0] if len(parts) == 1 else Joined(parts)
 
     def _device_input(self, x: Any) -> DeviceArrayView:
+        """`x` bound in place, our compute stream ordered after its producer's writes (the caller holds the lock)."""
         view = device_view(x, stream=self._compute.handle)  # DLPack: the producer orders its writes on our stream
         if view.device != "cuda" or view.device_id not in (-1, self.cuda_device.index):
             raise PickScoreError(f"pixel_values live on {view.device}:{view.device_id}; this backend runs on "
@@ -224,19 +191,19 @@ class TensorRTBackend(BackendBase):
         engine, n = self._engines["vision"], len(pixels)
         with self.lock:
             slot = self._acquire_slot()
-            slot.host_in.view(pixels.shape)[...] = pixels
+            np.copyto(slot.host_in.view(pixels.shape), pixels)  # the one host copy, from any layout
             self._copy.copy_to_device(slot.dev_in.ptr, slot.host_in.ptr, pixels.nbytes)
             slot.copied.record(self._copy)
             self._compute.wait(slot.copied)  # compute follows this batch's copy, not the copy stream's later work
-            self._run_vision(engine, slot, pixels.shape)
+            graph_key = (slot.index, n) if self.cuda_graphs else None  # a slot's addresses and a batch size
+            self._runs["vision"].run(slot.dev_in.ptr, slot.dev_out.ptr, pixels.shape, graph_key)
             return self._finish(slot, n, engine.width)
 
     def _submit_device(self, view: DeviceArrayView, start: int, n: int, per_image: int) -> PendingBatch:
-        engine = self._engines["vision"]
-        with self.lock:
-            slot = self._acquire_slot()
-            engine.enqueue(self._compute, view.ptr + start * per_image, slot.dev_out.ptr, (n, *view.shape[1:]))
-            return self._finish(slot, n, engine.width, keep=view)
+        """(The caller holds the lock.)"""
+        slot = self._acquire_slot()
+        self._runs["vision"].run(view.ptr + start * per_image, slot.dev_out.ptr, (n, *view.shape[1:]))
+        return self._finish(slot, n, self._engines["vision"].width, keep=view)
 
     def _finish(self, slot: Slot, n: int, width: int, keep: Any = None) -> PendingBatch:
         self._compute.copy_to_host(slot.host_out.ptr, slot.dev_out.ptr, n * width * 4)
@@ -253,30 +220,36 @@ class TensorRTBackend(BackendBase):
             slot.pending.collect()
         return slot
 
-    def _run_vision(self, engine: TowerEngine, slot: Slot, shape: tuple[int, ...]) -> None:
-        key = (slot.index, shape[0])
-        graph = self._graphs.get(key)
-        if graph is not None:
-            graph.launch(self._compute)
-            return
-        engine.enqueue(self._compute, slot.dev_in.ptr, slot.dev_out.ptr, shape)  # also readies the context for capture
-        if self.cuda_graphs and not self._graph_failed:
-            try:
-                self._graphs[key] = Graph(self._compute, lambda s: engine.enqueue(s, slot.dev_in.ptr, slot.dev_out.ptr, shape))
-            except (CudaError, PickScoreError) as e:
-                self._graph_failed = True
-                log.warning("CUDA graph capture failed (%s); running without CUDA graphs", e)
-
     # ---- lifecycle ----------------------------------------------------------------------------
     def _engines_or_closed(self) -> dict[str, TowerEngine]:
         if self._closed:
             raise PickScoreError("this tensorrt backend is closed")
         return self._engines
 
+    def _streams(self) -> list[Stream]:
+        return [s for s in (self._copy, self._compute) if s is not None]
+
     def synchronize(self) -> None:
-        for stream in (self._copy, self._compute):
-            if stream is not None:
-                stream.synchronize()
+        """Wait for all work queued so far. Another thread may be capturing a CUDA graph on the compute
+        stream, and synchronizing a stream under capture fails and invalidates the capture; captures
+        happen under the lock, so events recorded under it mark the queued work, and are waited for
+        outside it (other threads may enqueue meanwhile)."""
+        with self.lock:
+            if self._closed:
+                return
+            marks = []
+            try:
+                for stream in self._streams():
+                    marks.append(Event())
+                    marks[-1].record(stream)
+            except BaseException:
+                free_all(*marks)
+                raise
+        try:
+            for mark in marks:
+                mark.synchronize()
+        finally:
+            free_all(*marks)
 
     def close(self) -> None:
         with self.lock:
@@ -284,17 +257,18 @@ class TensorRTBackend(BackendBase):
                 return
             self._closed = True
             try:
-                self.synchronize()
+                for stream in self._streams():  # safe under the lock: no capture is under way
+                    stream.synchronize()
                 for slot in self._slots:
                     if slot.pending is not None:
                         slot.pending.collect()  # a batch still held by a caller keeps its result
             finally:
-                graphs, self._graphs = list(self._graphs.values()), {}
+                runs, self._runs = list(self._runs.values()), {}
                 slots, self._slots, text, self._text_slot = self._slots, [], self._text_slot, None
                 engines, self._engines = list(self._engines.values()), {}
                 streams, self._copy, self._compute = (self._copy, self._compute), None, None
                 try:
-                    free_all(*graphs, *slots, text, *engines, *streams)
+                    free_all(*runs, *slots, text, *engines, *streams)  # graphs and contexts before their engines
                 finally:
                     self._runtime = None
 

@@ -1,10 +1,27 @@
 """The torch backends: transformers' CLIPModel towers, built from the weights (not from ONNX).
 
 `torch` is the model card's code path on the CPU (fp32; bf16 = autocast, what a CPU user tries first).
-`torch-cuda` runs the towers on the GPU in fp16 or bf16 (or fp32 with TF32 off) with transformers' default attention
-(SDPA where torch has it, as here: config._attn_implementation), and
-is the baseline GPU numbers are compared against. This module imports torch; it is imported only when
-one of these backends is chosen.
+`torch-cuda` runs the towers on the GPU in fp16 or bf16 (or fp32 as the reference computes it: TF32 off
+and SDPA's math kernel, inside each call only, the caller's settings given back after) and is the
+baseline GPU numbers are compared against. Attention is transformers' SDPA (`use_sdpa`): on a GPU, fp16
+and bf16 get the flash kernel where it applies (no mask: the vision tower; the text tower's causal mask
+goes as is_causal) and the memory-efficient one otherwise.
+
+Options (the registry declares them):
+- `compile=True`: each tower through torch.compile (inductor; `CompiledTower`): one trace per tower for
+  every batch size. On the CPU too (inductor's C++ backend): that is how CI tests it.
+- `cuda_graphs=True` (torch-cuda): the vision tower replays one CUDA graph per batch bucket (powers of two
+  up to the batch size; `BucketedTower`, `CudaGraphRunners`), a batch padded up to its bucket, with or
+  without compile. Our own capture rather than torch.compile's mode="reduce-overhead": it works for the
+  eager towers too (so graphs and compilation are measured apart), the buckets bound what is captured,
+  and the output of a replay is cloned before the next one, which batches kept in flight need (the
+  compiled mode's graphs overwrite their outputs on the next replay and skip graphs silently in cases it
+  logs). The text tower has a second varying axis and is run once per prompt set: it is not graphed.
+  Not run on a GPU yet.
+
+Tensors already on the device are used as they are (no host round trip), detached (an RL loop's
+generations carry gradients). This module imports torch; it is imported only when one of these backends
+is chosen.
 """
 
 from __future__ import annotations
@@ -16,9 +33,11 @@ import numpy as np
 import torch
 
 from ..artifacts import Artifacts
+from ..buckets import batch_buckets
 from ..device_arrays import is_device_array
 from ..optional import export_tools
-from ..torch_towers import clip_specs, tower_module
+from ..torch_towers import (BucketedTower, CompiledTower, CudaGraphRunners, clip_specs, numerics,
+                            tower_module, use_sdpa)
 from .base import BackendBase
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -43,29 +62,35 @@ class _PendingTensor:
 
 class TorchBackend(BackendBase):
     def __init__(self, clip: Any, name: str = "torch", precision: str = "fp32", batch_size: int = 8,
-                 threads: int | None = None):
+                 threads: int | None = None, compile: bool = False, cuda_graphs: bool = False):
         if precision not in DTYPES:
             raise ValueError(f"torch backends run {', '.join(DTYPES)}, not {precision!r}")
         self.name, self.precision, self.batch_size = name, precision, batch_size
         self.device = "cuda" if name == "torch-cuda" else "cpu"
+        if cuda_graphs and self.device != "cuda":
+            raise ValueError("cuda_graphs needs the GPU: backend torch-cuda")
         self.specs = clip_specs(clip)  # what BackendBase checks inputs against: the towers' own dims
         if threads:
             torch.set_num_threads(threads)
+        self._numerics = numerics(self.device, precision)  # fp32 on the GPU: the reference's arithmetic, per call
+        use_sdpa(clip)
         if self.device == "cuda":
-            # fp32 must mean fp32 (the reference); fp16/bf16 weights run natively, SDPA picks fused kernels.
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-            clip = clip.to("cuda", dtype=DTYPES[precision])
+            clip = clip.to("cuda", dtype=DTYPES[precision])  # fp16/bf16 weights run natively
             self.queue_depth = 2  # kernels are queued: the next batch's copy overlaps this one's compute
             self._input_dtype, self._autocast = DTYPES[precision], None
         else:
             self._input_dtype = torch.float32
             self._autocast = None if precision == "fp32" else DTYPES[precision]
         self._towers = {t: tower_module(clip, t) for t in ("text", "vision")}
+        if compile:
+            self._towers = {t: CompiledTower(m, self.specs[t].input) for t, m in self._towers.items()}
+        if cuda_graphs:
+            self._towers["vision"] = BucketedTower(self._towers["vision"], batch_buckets(batch_size),
+                                                   CudaGraphRunners())
 
     def _run(self, tower: str, x: torch.Tensor) -> torch.Tensor:
         autocast = torch.autocast("cpu", dtype=self._autocast) if self._autocast else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), self._numerics, autocast:
             return self._towers[tower](x)
 
     # ---- inputs: numpy, torch tensors on any device, other device arrays (checked by BackendBase) ----
@@ -85,11 +110,11 @@ class TorchBackend(BackendBase):
         return _PendingTensor(self._run("vision", self.input_tensor(pixel_values)))
 
     def input_tensor(self, pixel_values: Any) -> torch.Tensor:
-        """pixel_values as the tensor the tower runs on. A tensor already on this device in the compute
-        dtype is used as it is (no copy); any other device array (CuPy, JAX: __dlpack__ or
-        __cuda_array_interface__) is wrapped without a copy first; only a dtype or device change copies
-        (float32 input to an fp16 or bf16 tower on the GPU)."""
-        return as_tensor(pixel_values).to(self.device, dtype=self._input_dtype, non_blocking=True)
+        """pixel_values as the tensor the tower runs on, detached from any autograd graph. A tensor already on
+        this device in the compute dtype is used as it is (no copy); any other device array (CuPy, JAX:
+        __dlpack__ or __cuda_array_interface__) is wrapped without a copy first; only a dtype or device
+        change copies (float32 input to an fp16 or bf16 tower on the GPU)."""
+        return as_tensor(pixel_values).detach().to(self.device, dtype=self._input_dtype, non_blocking=True)
 
     def synchronize(self) -> None:
         if self.device == "cuda":
@@ -102,10 +127,12 @@ class TorchBackend(BackendBase):
 
 
 def create(artifacts: Artifacts, name: str, precision: str, batch_size: int, threads: int | None = None,
-                 model_source: Any = None, clip: Any = None) -> TorchBackend:
+           model_source: Any = None, clip: Any = None, compile: bool | None = None,
+           cuda_graphs: bool | None = None) -> TorchBackend:
     """clip: an already loaded CLIPModel; else the weights of `model_source`, else of the artifacts' own
-    source (their manifest records it: hub id, local folder, or random-init seed)."""
+    source (their manifest records it: hub id, local folder, or random-init seed). compile, cuda_graphs:
+    see the module's docstring (None: off)."""
     if clip is None:
         tools = export_tools("the torch backends", needs=("torch", "transformers"), extra="torch")
         clip = tools.load_clip(model_source or tools.source_from_manifest(artifacts.manifest))
-    return TorchBackend(clip, name, precision, batch_size, threads)
+    return TorchBackend(clip, name, precision, batch_size, threads, bool(compile), bool(cuda_graphs))

@@ -18,11 +18,12 @@ import traceback
 import warnings
 from pathlib import Path
 
-from ..argtypes import csv_list, path_or_uri, positive_int
+from ..argtypes import backend_option, csv_list, path_or_uri, positive_int
 from ..backends import BACKENDS
 from ..bench import DEFAULT_STAGES as BENCH_DEFAULT_STAGES
 from ..bench import PRESETS as BENCH_PRESETS
 from ..bench import STAGES as BENCH_STAGES
+from ..bench import parse_backend_specs
 from ..engines.profiles import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_OPT_LEVEL
 from ..errors import PickScoreError
 from ..options import ScorerOptions
@@ -86,17 +87,12 @@ def once(action_class=argparse._StoreAction):  # noqa: ANN001, ANN201, SLF001 - 
     return Once
 
 
-def backend_spec(text: str) -> list[tuple[str, str | None]]:
-    """bench's list of backend[:precision]."""
-    out = []
-    for item in csv_list()(text):
-        name, _, precision = item.partition(":")
-        if name not in BACKENDS:
-            raise argparse.ArgumentTypeError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-        if precision and precision not in BACKENDS[name].precisions:
-            raise argparse.ArgumentTypeError(f"backend {name} runs {', '.join(BACKENDS[name].precisions)}, not {precision!r}")
-        out.append((name, precision or None))
-    return out
+def backend_spec(text: str) -> list:
+    """bench's list of backend[:precision[:option=value,...]] (bench.parse_backend_specs checks each)."""
+    try:
+        return parse_backend_specs(text)
+    except PickScoreError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_source_args(p: argparse.ArgumentParser, default_model: str | None, group: argparse._ActionsContainer | None = None) -> None:
@@ -198,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnx-cpu", choices=list(BACKENDS), help="backend to check (default onnx-cpu)")
     p.add_argument("--precision", default=None, type=csv_list(PRECISIONS),
                    help="one or several (fp32,int8): the reference runs once for all (default: the backend's first)")
+    p.add_argument("--backend-option", dest="backend_options", action="append", type=backend_option, default=[],
+                   metavar="KEY=VALUE", help="an option the backend declares, e.g. compile=true (torch, torch-cuda) or "
+                                            "cuda_graphs=true; repeat for several: the path gated is the path that runs")
     p.add_argument("--reference-device", choices=["cpu", "cuda"], default="cpu",
                    help="where the fp32 reference runs (cuda: on the GPU with TF32 off; default cpu)")
     p.add_argument("--reference-cache", type=Path, default=None, metavar="DIR",
@@ -210,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a named scenario (" + "; ".join(f"{k}: {v.about}" for k, v in BENCH_PRESETS.items())
                         + "); flags given beside it replace its values")
     p.add_argument("--backends", default=None, type=backend_spec,
-                   help="comma-separated backend[:precision], e.g. torch:fp32,torch:bf16,onnx-cpu:int8 (default onnx-cpu:fp32)")
+                   help="comma-separated backend[:precision[:option=value,...]], e.g. torch:fp32,torch:bf16,onnx-cpu:int8 or "
+                        "torch-cuda:fp16:compile=true,cuda_graphs=true (default onnx-cpu:fp32)")
     p.add_argument("--batch-sizes", default=None, type=lambda t: [positive_int(x) for x in csv_list()(t)],
                    help="comma-separated batch sizes (default 1,4,8)")
     p.add_argument("--stages", default=None, type=csv_list(BENCH_STAGES),
@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open one backend at a time (per-backend peak memory) instead of timing all of them in "
                         "interleaved rounds (honest ratios on a machine whose speed drifts; the default)")
     p.add_argument("--output", type=Path, metavar="FILE",
-                   help="write rows, commit, command and machine here as JSON (rewritten as each block is measured)")
+                   help="write rows, commit, command and machine here as JSON (rewritten as each block is measured; each "
+                        "row is also appended to FILE with a .jsonl suffix as it is measured)")
     p.add_argument("--markdown", type=Path, metavar="FILE", help="write a markdown table here")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG chart here (needs the [bench] extra)")
 

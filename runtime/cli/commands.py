@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ..artifacts import Artifacts
+from ..backends.registry import check_backend_options
 from ..errors import InputError
 from ..gate_records import read_gate_records, record_gate_results
 from ..optional import export_tools, require
@@ -41,10 +42,13 @@ def cmd_export(args: Any) -> int:
 
 
 def cmd_verify(args: Any) -> int:
+    backend_options = dict(args.backend_options)
+    check_backend_options(args.backend, backend_options)  # before the minutes of loading the reference
     tools = export_tools()
     reports = tools.verify_precisions(args.artifacts, args.precision or [None], model_source(tools, args),
                                       backend=args.backend, images=args.images, progress=say,
-                                      reference_device=args.reference_device, reference_cache=args.reference_cache)
+                                      reference_device=args.reference_device, reference_cache=args.reference_cache,
+                                      backend_options=backend_options)
     text = json.dumps(reports[0] if len(reports) == 1 else reports, indent=2)
     print(text)
     if args.output:

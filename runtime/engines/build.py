@@ -33,7 +33,9 @@ from .store import EngineStore, chunked
 
 log = logging.getLogger("pickscore")
 
-MIN_TENSORRT = 10  # name-based IO, execute_async_v3, strongly typed networks
+# name-based IO, execute_async_v3, strongly typed networks (10.0); device_memory_size_v2 and
+# set_device_memory(ptr, size), for execution contexts that share one memory block (10.1)
+MIN_TENSORRT = (10, 1)
 
 
 class EngineBuildError(PickScoreError):
@@ -45,14 +47,20 @@ _LOGGER: Any = None
 
 def load_tensorrt(feature: str = "building TensorRT engines") -> ModuleType:
     trt = require("tensorrt", feature)
-    if tensorrt_major(trt) < MIN_TENSORRT:
-        raise BackendUnavailableError(f"{feature} need TensorRT {MIN_TENSORRT} or newer, this is {trt.__version__}; "
-                                      "pip install -U 'pickscore-runtime[tensorrt]'")
+    if tensorrt_version(trt) < MIN_TENSORRT:
+        raise BackendUnavailableError(f"{feature} needs TensorRT {'.'.join(map(str, MIN_TENSORRT))} or newer, this is "
+                                      f"{trt.__version__}; pip install -U 'pickscore-runtime[tensorrt]'")
     return trt
 
 
+def tensorrt_version(trt: ModuleType) -> tuple[int, int]:
+    """(major, minor) of the TensorRT module."""
+    major, minor = (trt.__version__.split(".") + ["0"])[:2]
+    return int(major), int(minor)
+
+
 def tensorrt_major(trt: ModuleType) -> int:
-    return int(trt.__version__.split(".")[0])
+    return tensorrt_version(trt)[0]
 
 
 def trt_logger(trt: ModuleType) -> Any:
