@@ -25,6 +25,7 @@ import numpy as np
 from pickscore_models import model_info
 from pickscore_runtime import PickScorer
 from pickscore_runtime.artifacts import package_versions, sha256_file
+from pickscore_runtime.backends.base import effective_precision
 from pickscore_runtime.machine import machine_info
 from pickscore_runtime.durable import atomic_write
 from pickscore_runtime.errors import PickScoreError
@@ -91,7 +92,7 @@ def verify_precisions(artifacts_dir: str | Path, precisions: Sequence[str | None
                 "text": scorer.text.encode(prompts).embeddings, "image": image_embs,
                 "scale": scorer.artifacts.logit_scale_exp, "random_weights": scorer.random_weights,
                 "backend": scorer.backend.name, "precision": scorer.backend.precision, "backend_options": backend_options,
-                "seconds": time.perf_counter() - t0,
+                "runs": effective_precision(scorer.backend), "seconds": time.perf_counter() - t0,
             })
             scorer.close()
             del scorer
@@ -155,6 +156,7 @@ def _report(run: dict, ref_text: np.ndarray, ref_img: np.ndarray, ref_scale: np.
         "backend": run["backend"],
         "precision": run["precision"],
         "backend_options": run["backend_options"],
+        "runs": run["runs"],  # what the kernels really ran (an OpenVINO bf16 hint is fp32 on a CPU without BF16)
         "random_weights": run["random_weights"],
         "weights": source.weights_kind,
         "n_prompts": len(ref),

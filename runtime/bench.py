@@ -1,11 +1,14 @@
 """`pickscore bench`: every backend measured side by side in one process, on the same inputs, as
 comparable rows {backend, precision, device, stage, batch_size, items_per_s, p50_ms, p95_ms, peak_rss_mb,
-gpu_mem_mb, error, options}.
+gpu_mem_mb, error, options, requested, vs_torch_fp32, vs_torch_bf16}.
 
 Backends are specs `name[:precision[:option=value,...]]` (BenchSpec): `torch:fp32` is the model card's
 PyTorch code, `torch:bf16` the same under CPU autocast, `onnx-cpu:int8` the runtime's fast CPU path,
 `torch-cuda:fp16:compile=true,cuda_graphs=true` torch-cuda with the backend options it declares (the
-registry's BackendOption; checked as ScorerOptions checks them). A row's `options` names them. Each backend is
+registry's BackendOption; checked as ScorerOptions checks them). A row's `options` names them. `auto` is the
+backend and precision the registry's select_backend picks for these artifacts on this machine (what `pickscore
+score` would serve), resolved once the artifacts are loaded: its rows name that backend and precision, with
+`requested` "auto"; it takes no precision (choosing one is its job). Each backend is
 timed with its own clock, which waits for the device before reading the time (timm's
 `cuda_timestamp` idea), so GPU numbers are not launch times. gpu_mem_mb is the device memory in use
 (every process's, as cudaMemGetInfo reports it) at its peak while the row was timed, for rows of cuda
@@ -17,7 +20,13 @@ are measured (timm benchmark.py's `_try_run` idea, without its retry at a smalle
 size is a result). With `output`, the JSON is rewritten after every timed block, so it holds every row
 measured so far even if the process is killed; `complete` says whether the run got to its end. The JSON
 records the code (`code`: commit or package version), the command line, the working directory and the
-machine (pickscore_runtime.machine).
+machine (pickscore_runtime.machine: its SIMD flags decide int8 and bf16 speed, so the markdown names them too).
+
+Every CPU row carries its items/s against the model card's PyTorch code, plain (`vs_torch_fp32`) and under
+bf16 autocast (`vs_torch_bf16`): what a CPU user would run first. The reference is the torch row (no options)
+of the same stage and batch size in the same run; without one the ratio is None. Interleaved (the default),
+those rows were timed in the same rounds, so the ratio holds on a machine whose speed drifts; with
+`interleave=False` they were not. benchmarks/ratios.py reads the same ratios (torch_reference).
 
 The vision stage keeps its batches in flight (`inflight.embed_in_flight`, the backend's `submit_images`):
 on a backend that overlaps them (queue_depth > 1: the GPU backends) each timed call submits VISION_BATCHES
@@ -48,7 +57,8 @@ from PIL import Image
 
 from .argtypes import option_pair
 from .artifacts import Artifacts
-from .backends import BACKENDS, Backend, create_backend
+from .backends import BACKENDS, Backend, create_backend, select_backend
+from .backends.base import effective_precision
 from .errors import PickScoreError
 from .inflight import embed_in_flight
 from .machine import code_version, gpu_info, machine_info
@@ -57,6 +67,7 @@ from .optional import require
 from .pipeline import default_workers
 from .scorer import PickScorer
 
+AUTO = "auto"  # a spec naming no backend: what the registry's select_backend picks here
 STAGES = ("vision", "text", "text-cached", "e2e", "e2e-png", "tensors-exact", "tensors-fast")
 DEFAULT_STAGES = STAGES[:5]  # the tensors stages are asked for by name (RL reward loops, the GPU acceptance)
 VISION_BATCHES = 4  # batches per timed vision call on a backend that keeps more than one in flight
@@ -77,6 +88,7 @@ class BenchSpec:
     name: str
     precision: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    requested: str | None = None  # what was asked for when it was resolved to this spec ("auto"); None: this spec
 
     @property
     def options_text(self) -> str:
@@ -91,8 +103,25 @@ class BenchSpec:
     def checked(self) -> "BenchSpec":
         """This spec, or PickScoreError naming what is wrong (an unknown backend, a precision it does not run,
         an option it does not declare or a value of the wrong type), before anything opens."""
+        if self.name == AUTO and self.precision is not None:
+            raise PickScoreError(f"bench backend auto:{self.precision}: auto picks the precision as well as the backend, "
+                                 f"and its rows name both; write `auto` alone, or name a backend to fix the precision "
+                                 f"(e.g. onnx-cpu:{self.precision})")
         ScorerOptions(backend=self.name, precision=self.precision, backend_options=dict(self.options))
         return self
+
+
+def resolved_spec(artifacts: Artifacts, spec: BenchSpec) -> BenchSpec:
+    """The spec the bench opens: `spec` itself, or for `auto` the backend and precision select_backend picks
+    for these artifacts here (gate records included), with requested="auto" and those of its options that
+    backend declares (open_backend passes no others). PickScoreError (auto:PRECISION) or
+    BackendUnavailableError (nothing can run) where it cannot."""
+    if spec.name != AUTO:
+        return spec
+    spec.checked()
+    info, precision, _ = select_backend(artifacts, AUTO)
+    declared = {option.name for option in info.options}
+    return BenchSpec(info.name, precision, tuple((k, v) for k, v in spec.options if k in declared), requested=AUTO)
 
 
 def parse_backend_specs(text: str) -> list[BenchSpec]:
@@ -156,9 +185,9 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "cpu": Preset("the shipped CPU paths against the model card's PyTorch code (fp32 and bf16 autocast), vision "
-                  "tower: RESULTS.md's comparison",
-                  specs("torch:fp32", "torch:bf16", "onnx-cpu:fp32", "onnx-cpu:int8"), (1, 4), ("vision",),
+    "cpu": Preset("the shipped CPU paths and what auto serves here against the model card's PyTorch code (fp32 and "
+                  "bf16 autocast), vision and text towers: RESULTS.md's comparison",
+                  specs("torch:fp32", "torch:bf16", "onnx-cpu:fp32", "onnx-cpu:int8", AUTO), (1, 4), ("vision", "text"),
                   min_calls=2, min_seconds=1.0),
     "cpu-e2e": Preset("files on disk to scores on the CPU: vision tower alone against the end-to-end JPEG and PNG "
                       "pipeline (decoding threads: --workers)",
@@ -201,12 +230,46 @@ class Row:
     gpu_mem_mb: float | None = None  # cuda backends only
     error: str | None = None  # what the cell raised: "ExceptionType: message"
     options: str = ""  # the backend options it ran with, as the spec wrote them ("compile=true,cuda_graphs=true")
+    requested: str | None = None  # "auto" when auto picked this backend and precision; None: named in --backends
+    vs_torch_fp32: float | None = None  # items_per_s over the torch fp32 row's (with_torch_ratios); CPU rows only
+    vs_torch_bf16: float | None = None  # the same against torch bf16 autocast
+    runs: str | None = None  # what the kernels really ran, where it differs from `precision` (base.effective_precision)
+
+
+# The ratio fields of a row and the torch precision each compares against.
+TORCH_REFERENCES = {"vs_torch_fp32": "fp32", "vs_torch_bf16": "bf16"}
+
+
+def torch_reference(row: dict, rows: Sequence[dict], precision: str) -> dict | None:
+    """The measured row of the model card's PyTorch code on the CPU (backend torch, no options, named rather
+    than picked by auto) at `precision`, for the same stage and batch size as `row`; None if there is none."""
+    return next((r for r in rows if r["backend"] == "torch" and r["precision"] == precision and not r.get("options")
+                 and not r.get("requested") and r["stage"] == row["stage"] and r["batch_size"] == row["batch_size"]
+                 and not r.get("error") and r.get("items_per_s")), None)
+
+
+def with_torch_ratios(rows: Sequence[dict]) -> list[dict]:
+    """Copies of `rows` with vs_torch_fp32 / vs_torch_bf16 set on each measured CPU row (its items/s over its
+    torch_reference's, to 3 decimals) and None elsewhere: GPU rows, failed cells, no torch row to compare with.
+    Rows written before these fields (no `device`: CPU then) are read the same way."""
+    out = []
+    for row in rows:
+        ratios = dict.fromkeys(TORCH_REFERENCES)
+        if row.get("device", "cpu") == "cpu" and not row.get("error") and row.get("items_per_s") is not None:
+            for key, precision in TORCH_REFERENCES.items():
+                reference = torch_reference(row, rows, precision)
+                if reference is not None:
+                    ratios[key] = round(row["items_per_s"] / reference["items_per_s"], 3)
+        out.append({**row, **ratios})
+    return out
 
 
 def row_label(row: dict) -> str:
-    """backend/precision, and the options when there are any: what a table or a chart calls a row's backend."""
+    """backend/precision, the options when there are any, and "auto: " before it when auto picked it: what a
+    table or a chart calls a row's backend."""
     label = f"{row['backend']}/{row['precision']}"
-    return f"{label} ({row['options']})" if row.get("options") else label
+    label = f"{label} ({row['options']})" if row.get("options") else label
+    return f"{row['requested']}: {label}" if row.get("requested") else label
 
 
 def bench_prompts(n: int) -> list[str]:
@@ -327,14 +390,15 @@ def time_calls(fns: Sequence[Callable[[], object]], min_calls: int, min_seconds:
 
 
 def row_from_times(backend: Backend, stage: str, batch: int, items_per_call: int, times: list[float], peak: float,
-                   gpu_peak: float | None = None, options: str = "") -> Row:
+                   gpu_peak: float | None = None, options: str = "", requested: str | None = None) -> Row:
     """The row of one measured cell; a vision call's time is shared by its batches, so its p50/p95 are per batch."""
     ms = np.array(times) * 1000 / (items_per_call // batch if stage == "vision" else 1)
     gpu = round(gpu_peak) if gpu_peak is not None and backend.device == "cuda" else None
     return Row(backend.name, backend.precision, backend.device, stage, batch,
                round(items_per_call * len(times) / sum(times), 3),
                round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 95)), 3), round(peak), gpu,
-               options=options)
+               options=options, requested=requested,
+               runs=None if effective_precision(backend) == backend.precision else effective_precision(backend))
 
 
 def error_text(e: BaseException) -> str:
@@ -344,9 +408,9 @@ def error_text(e: BaseException) -> str:
 
 
 def error_row(name: str, precision: str | None, device: str, stage: str, batch: int, error: BaseException | str,
-              options: str = "") -> Row:
+              options: str = "", requested: str | None = None) -> Row:
     text = error if isinstance(error, str) else error_text(error)
-    return Row(name, precision or "default", device, stage, batch, None, None, None, None, None, text, options)
+    return Row(name, precision or "default", device, stage, batch, None, None, None, None, None, text, options, requested)
 
 
 def open_backend_spec(artifacts: Artifacts, spec: BenchSpec, model_source: Any, threads: int | None,
@@ -434,17 +498,17 @@ def write_json(path: str | Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def time_block(block: Sequence[tuple[PickScorer, str, str]], batch: int, inputs: BenchInputs, min_calls: int,
+def time_block(block: Sequence[tuple[PickScorer, str, BenchSpec]], batch: int, inputs: BenchInputs, min_calls: int,
                min_seconds: float, gpu: Callable[[], float] | None) -> list[Row]:
-    """One row per (scorer, stage, its options text) of `block`, timed in the same interleaved rounds; a cell
-    that raises (building its call, warming up or timed) becomes an error row and the others are still measured."""
+    """One row per (scorer, stage, the spec it was opened from) of `block`, timed in the same interleaved rounds; a
+    cell that raises (building its call, warming up or timed) becomes an error row and the others are still measured."""
     rows: list[Row | None] = [None] * len(block)
     calls = []  # (position in block, call, items per call)
 
     def failed(k: int, error: BaseException) -> Row:
-        scorer, stage, options = block[k]
+        scorer, stage, spec = block[k]
         b = scorer.backend
-        return error_row(b.name, b.precision, b.device, stage, batch, error, options)
+        return error_row(b.name, b.precision, b.device, stage, batch, error, spec.options_text, spec.requested)
 
     for k, (scorer, stage, _) in enumerate(block):
         try:
@@ -457,9 +521,10 @@ def time_block(block: Sequence[tuple[PickScorer, str, str]], batch: int, inputs:
         times = time_calls([call for _, call, _ in calls], min_calls, min_seconds,
                            [device_clock(block[k][0].backend) for k, _, _ in calls], errors=errors)
     for (k, _, items), t, error in zip(calls, times, errors):
-        scorer, stage, options = block[k]
+        scorer, stage, spec = block[k]
         rows[k] = (failed(k, error) if error is not None
-                   else row_from_times(scorer.backend, stage, batch, items, t, rss.peak, rss.gpu_peak, options))
+                   else row_from_times(scorer.backend, stage, batch, items, t, rss.peak, rss.gpu_peak, spec.options_text,
+                                       spec.requested))
     if any(r.error for r in rows if r is not None):
         release_memory()
     return [r for r in rows if r is not None]
@@ -482,7 +547,8 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[BenchSpec | str | tu
     progress: each row as one line of JSON, once measured. command: the command line to record
     (default sys.argv). rows: a JSON-lines file (started empty) each row is appended to and flushed as it
     is measured; default: `output` with the suffix .jsonl (none without output).
-    backends: BenchSpec, its text (`name[:precision[:option=value,...]]`) or (name, precision[, options])."""
+    backends: BenchSpec, its text (`name[:precision[:option=value,...]]`, or `auto`: resolved_spec) or (name,
+    precision[, options]). Each row carries vs_torch_fp32 / vs_torch_bf16 (with_torch_ratios)."""
     started = time.time()
     backends = [bench_spec(b) for b in backends]
     rows_file = Path(rows) if rows is not None else Path(output).with_suffix(".jsonl") if output else None
@@ -499,18 +565,22 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[BenchSpec | str | tu
     measured: list[tuple[int, Row]] = []  # (index of the backend spec, row): rows sort in --backends order
 
     def publish(new: list[tuple[int, Row]]) -> None:
-        if rows_file is not None:  # first: a process killed while the JSON is rewritten still leaves these lines
-            with open(rows_file, "a") as f:
-                for _, r in new:
-                    f.write(json.dumps(asdict(r)) + "\n")
-                    f.flush()
         measured.extend(new)
         measured.sort(key=lambda ir: (ir[0], STAGES.index(ir[1].stage), ir[1].batch_size))
-        result["rows"] = [asdict(r) for _, r in measured]
+        # every row's ratios again: a torch row measured later (sequential mode) gives earlier rows theirs
+        rows = with_torch_ratios([asdict(r) for _, r in measured])
+        position = {id(r): k for k, (_, r) in enumerate(measured)}
+        new_rows = [rows[position[id(r)]] for _, r in new]
+        if rows_file is not None:  # first: a process killed while the JSON is rewritten still leaves these lines
+            with open(rows_file, "a") as f:
+                for row in new_rows:
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+        result["rows"] = rows
         if output:
             write_json(output, result)
-        for _, r in new:
-            progress(json.dumps(asdict(r)))
+        for row in new_rows:
+            progress(json.dumps(row))
 
     specs = list(enumerate(backends))
     groups = [specs] if interleave else [[spec] for spec in specs]
@@ -519,16 +589,20 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[BenchSpec | str | tu
             inputs = None
             for group in groups:
                 scorers: list[tuple[int, PickScorer]] = []
-                options_of: dict[int, str] = {}  # id(scorer) -> its spec's options text
+                spec_of: dict[int, BenchSpec] = {}  # id(scorer) -> the spec it was opened from (auto resolved)
                 shared_cpu_clip: dict[str, Any] = {}  # per group: sequential mode holds one backend at a time
-                for index, spec in group:
+                for index, asked in group:
+                    spec = asked
                     try:
+                        spec = resolved_spec(artifacts, asked)
                         backend = open_backend_spec(artifacts, spec, model_source, threads, shared_cpu_clip)
                         scorers.append((index, PickScorer.from_backend(artifacts, backend, workers=workers)))
-                        options_of[id(scorers[-1][1])] = spec.options_text
+                        spec_of[id(scorers[-1][1])] = spec
                     except Exception as e:  # noqa: BLE001 - every cell of this backend is an error row
                         device = BACKENDS[spec.name].device if spec.name in BACKENDS else "-"
-                        publish([(index, error_row(spec.name, spec.precision, device, stage, b, e, spec.options_text))
+                        requested = spec.requested or (AUTO if asked.name == AUTO else None)
+                        publish([(index, error_row(spec.name, spec.precision, device, stage, b, e, spec.options_text,
+                                                   requested))
                                  for stage in stages for b in batch_sizes])
                         release_memory()
                 if not scorers:
@@ -540,7 +614,7 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[BenchSpec | str | tu
                 gpu = gpu_memory_probe() if cuda else None
                 index_of = {id(s): i for i, s in scorers}
                 for b in batch_sizes:
-                    cells = [(scorer, stage, options_of[id(scorer)]) for stage in stages for _, scorer in scorers]
+                    cells = [(scorer, stage, spec_of[id(scorer)]) for stage in stages for _, scorer in scorers]
                     for block in [cells] if interleave else [[cell] for cell in cells]:
                         timed = time_block(block, b, inputs, min_calls, min_seconds, gpu)  # one per cell, in order
                         publish([(index_of[id(scorer)], r) for r, (scorer, _, _) in zip(timed, block)])
@@ -589,16 +663,33 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def machine_line(machine: dict) -> str:
+    """The machine in one line, SIMD flags included (AVX-512 VNNI / BF16 move int8 and bf16 several-fold, and the
+    same VM name has come with and without them)."""
+    simd = ", ".join(machine.get("simd") or []) or "none of the flags int8 and bf16 kernels use"
+    return (f"Machine: {machine.get('cpu') or 'unknown CPU'}, {machine.get('usable_cores')} usable cores, "
+            f"{machine.get('threads')} threads; SIMD: {simd}")
+
+
 def markdown_table(result: dict) -> str:
-    lines = ["| backend | precision | options | device | stage | batch | items/s | p50 ms | p95 ms | peak RSS MB | GPU MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        head = (f"| {r['backend']} | {r['precision']} | {r.get('options') or '-'} | {r.get('device', 'cpu')} | {r['stage']} | "
+    """The rows as a markdown table (ratios against torch fp32 / bf16 as "1.93x"), under the machine's line when
+    the result records one."""
+    head_lines = [machine_line(result["machine"]), ""] if result.get("machine") else []
+    lines = head_lines + [
+        "| backend | precision | options | device | stage | batch | items/s | vs torch fp32 | vs torch bf16 | p50 ms | p95 ms "
+        "| peak RSS MB | GPU MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in with_torch_ratios(result["rows"]):
+        backend = f"{r['backend']} ({r['requested']})" if r.get("requested") else r["backend"]
+        precision = f"{r['precision']} (runs {r['runs']})" if r.get("runs") else r["precision"]
+        head = (f"| {backend} | {precision} | {r.get('options') or '-'} | {r.get('device', 'cpu')} | {r['stage']} | "
                 f"{r['batch_size']} |")
         if r.get("error"):
             error = r["error"].replace("|", "\\|")
-            lines.append(f"{head} error: {error} | - | - | - | - |")
+            lines.append(f"{head} error: {error} | - | - | - | - | - | - |")
             continue
+        ratios = " | ".join("-" if r[key] is None else f"{r[key]:.2f}x" for key in TORCH_REFERENCES)
         gpu = "-" if r.get("gpu_mem_mb") is None else f"{r['gpu_mem_mb']:.0f}"
-        lines.append(f"{head} {r['items_per_s']:.3f} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['peak_rss_mb']:.0f} | {gpu} |")
+        lines.append(f"{head} {r['items_per_s']:.3f} | {ratios} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | "
+                     f"{r['peak_rss_mb']:.0f} | {gpu} |")
     return "\n".join(lines)

@@ -36,13 +36,15 @@ def cache_root() -> Path:
 
 def first_use_plan(backend: str, precision: str | None) -> tuple[list[str], str]:
     """(precisions to export, backend that gates them) for scoring on `backend` ("auto": the first that
-    can run here). An explicit precision that is exported is added; bf16 runs from the weights."""
+    can run here). An explicit precision that is exported is added; bf16 runs from the weights (torch) or from
+    the fp32 files (openvino: BackendInfo.reads)."""
     name = backend if backend != "auto" else next(n for n in AUTO_ORDER if BACKENDS[n].unavailable() is None)
     device = BACKENDS[name].device
     # the torch backends run from the weights: the artifacts give them the tokenizer and settings only
     precisions = list(DEVICE_PLANS[device]) if BACKENDS[name].builds_from == "artifacts" else ["fp32"]
-    if precision is not None and precision not in precisions and BACKENDS[name].builds_from == "artifacts":
-        precisions.append(precision)
+    files = dict(BACKENDS[name].reads).get(precision, precision)  # openvino's bf16 runs the fp32 files
+    if files is not None and files not in precisions and BACKENDS[name].builds_from == "artifacts":
+        precisions.append(files)
     gate_backend = "onnx-cuda" if device == "cuda" and BACKENDS["onnx-cuda"].unavailable() is None else "onnx-cpu"
     return precisions, gate_backend
 

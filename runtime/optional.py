@@ -3,7 +3,7 @@
 The runtime needs only numpy, tokenizers and pillow, plus one ONNX Runtime: the paired extras [cpu]
 (onnxruntime) or [gpu] (onnxruntime-gpu), which provide the same `onnxruntime` module and must never be
 installed together. Everything else (torch, transformers, pyarrow, matplotlib, ray, tensorrt, cuda-python,
-the server stack) is imported here, when the feature that needs it is used, and a missing one raises
+openvino, the server stack) is imported here, when the feature that needs it is used, and a missing one raises
 `MissingExtraError` naming the pip extra.
 """
 
@@ -26,6 +26,7 @@ EXTRAS = {
     "ray": "ray",
     "fsspec": "ray",  # hf:// and other fsspec-only URIs in --ray inputs
     "tensorrt": "tensorrt",
+    "openvino": "openvino",
     "cuda": "tensorrt",
     "fastapi": "server",
     "uvicorn": "server",

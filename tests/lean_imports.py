@@ -3,7 +3,7 @@ which imports this file from the checkout): the optional modules the runtime mus
 and the prelude that makes importing any of them fail in a fresh interpreter. Plain Python, no pytest."""
 
 HEAVY = ("torch", "transformers", "pickscore_export", "ray", "tensorrt", "cuda", "fastapi", "uvicorn", "starlette",
-         "matplotlib", "pyarrow", "cupy")
+         "matplotlib", "pyarrow", "cupy", "openvino")
 
 BLOCK_HEAVY = f"""
 import sys, importlib.abc

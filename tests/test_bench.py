@@ -4,12 +4,15 @@ clock, not with sleeps. A cell that fails for a real reason (a batch size the ar
 refuses; a precision the backend does not run) becomes an error row while every other cell is measured,
 and the JSON (and the rows' JSON lines, written first) hold what was measured even when the run is stopped.
 Backend specs carry backend options; the vision stage keeps batches in flight; the GPU memory probe
-survives CUDA bindings that raise."""
+survives CUDA bindings that raise. Every CPU row is compared with torch fp32 and torch bf16 from the same run,
+and `auto` is measured as the backend and precision it picks for the artifacts here, named in its rows."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
+import warnings
 import os
 import shlex
 import shutil
@@ -23,12 +26,13 @@ import pytest
 from helpers import load_quietly
 from pickscore_runtime import bench
 from pickscore_runtime.bench import (DEFAULT_STAGES, PRESETS, STAGES, VISION_BATCHES, BenchSpec, bench_inputs,
-                                     markdown_table, parse_backend_specs, preset, run_bench, stage_call, time_calls)
+                                     markdown_table, parse_backend_specs, preset, run_bench, stage_call, time_calls,
+                                     with_torch_ratios)
 from pickscore_runtime.cli import main
 from pickscore_runtime.errors import PickScoreError
 
 ROW_KEYS = {"backend", "precision", "device", "stage", "batch_size", "items_per_s", "p50_ms", "p95_ms", "peak_rss_mb",
-            "gpu_mem_mb", "error", "options"}
+            "gpu_mem_mb", "error", "options", "requested", "vs_torch_fp32", "vs_torch_bf16", "runs"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -57,7 +61,20 @@ def test_bench_rows_table_and_plot(tiny_artifacts, tmp_path):
         assert result["code"]["commit"] is None
     assert result["code"]["version"]
     assert result["command"] == shlex.join(sys.argv) and result["cwd"] == os.getcwd()  # this process's command line
-    assert md.read_text().count("\n") == len(rows) + 2
+    # every row against the torch fp32 and bf16 rows of its stage and batch, timed in the same rounds
+    cells = {(r["backend"], r["precision"], r["stage"], r["batch_size"]): r for r in rows}
+    for r in rows:
+        for key, precision in (("vs_torch_fp32", "fp32"), ("vs_torch_bf16", "bf16")):
+            reference = cells[("torch", precision, r["stage"], r["batch_size"])]
+            assert r[key] == pytest.approx(r["items_per_s"] / reference["items_per_s"], abs=1e-3), (r, key)
+    assert cells[("torch", "bf16", "vision", 1)]["vs_torch_bf16"] == 1.0
+    md_lines = md.read_text().splitlines()
+    simd = ", ".join(result["machine"]["simd"]) or "none of the flags"
+    assert md_lines[0].startswith("Machine: ") and f"SIMD: {simd}" in md_lines[0]  # the flags int8 / bf16 speed hinge on
+    assert "| vs torch fp32 | vs torch bf16 |" in md_lines[2] and len(md_lines) == len(rows) + 4
+    int8 = cells[("onnx-cpu", "int8", "text", 2)]
+    assert f"| onnx-cpu | int8 | - | cpu | text | 2 | {int8['items_per_s']:.3f} | {int8['vs_torch_fp32']:.2f}x | " \
+           f"{int8['vs_torch_bf16']:.2f}x |" in md.read_text()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -172,8 +189,10 @@ def test_a_failing_cell_is_an_error_row_and_the_rest_are_measured(batch_one, tmp
     assert json.loads(out.read_text()) == result  # the file is the result
     assert sorted(json.loads(line)["stage"] + str(json.loads(line)["batch_size"]) for line in lines) == \
         sorted(r["stage"] + str(r["batch_size"]) for r in result["rows"])  # every row said once, as measured
+    assert all(r["vs_torch_fp32"] is None and r["vs_torch_bf16"] is None for r in result["rows"])  # no torch row
     table = markdown_table(result)
-    assert "| onnx-cpu | fp32 | - | cpu | vision | 2 | error: " in table and table.count("\n") == len(result["rows"]) + 1
+    assert "| onnx-cpu | fp32 | - | cpu | vision | 2 | error: " in table and table.count("\n") == len(result["rows"]) + 3
+    assert "| onnx-cpu | fp32 | - | cpu | text | 1 | " in table and " | - | - | " in table  # no ratio to show
 
 
 def test_the_json_holds_what_was_measured_when_the_run_is_stopped(tiny_artifacts, tmp_path):
@@ -200,7 +219,10 @@ def test_presets_name_runnable_scenarios():
         for spec in p.backends:
             assert spec.checked() is spec, name  # backend, precision and options as the registry declares them
             assert parse_backend_specs(str(spec)) == [spec], name  # and written as the CLI reads them
-    assert [str(s) for s in preset("cpu").backends] == ["torch:fp32", "torch:bf16", "onnx-cpu:fp32", "onnx-cpu:int8"]
+    # every CPU row has both torch references, auto shows what this machine would serve, and the text tower
+    # (once per prompt, the cost when prompts are unique) is measured beside the vision tower
+    assert [str(s) for s in preset("cpu").backends] == ["torch:fp32", "torch:bf16", "onnx-cpu:fp32", "onnx-cpu:int8", "auto"]
+    assert preset("cpu").stages == ("vision", "text")
     with pytest.raises(PickScoreError, match="known: cpu, cpu-e2e"):
         preset("fastest")
 
@@ -319,3 +341,85 @@ def test_rows_are_appended_as_json_lines_before_the_json_is_rewritten(tiny_artif
     lines = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert [(r["precision"], r["batch_size"]) for r in lines] == [("fp32", 1), ("int8", 1)]
     assert all(set(r) == ROW_KEYS and r["items_per_s"] > 0 for r in lines)
+
+
+# ---- against torch fp32 / bf16 ---------------------------------------------------------------------------
+def measured_row(backend: str, precision: str, items_per_s: float, **fields) -> dict:
+    return {"backend": backend, "precision": precision, "device": "cpu", "stage": "vision", "batch_size": 1,
+            "items_per_s": items_per_s, "error": None, "options": "", "requested": None, **fields}
+
+
+def test_ratios_compare_cpu_rows_with_the_plain_torch_rows_of_their_stage_and_batch():
+    rows = with_torch_ratios([
+        measured_row("torch", "fp32", 0.4),
+        measured_row("torch", "bf16", 0.8, stage="text"),  # another stage: no bf16 reference for vision
+        measured_row("torch", "fp32", 4.0, options="compile=true"),  # compiled: not the model card's code
+        measured_row("torch", "fp32", 8.0, requested="auto"),  # picked by auto: measured, not a reference
+        measured_row("onnx-cpu", "int8", 1.2),
+        measured_row("onnx-cpu", "int8", 1.6, batch_size=4),  # no torch row at batch 4
+        measured_row("onnx-cpu", "int8", None, error="MemoryError"),
+        measured_row("onnx-cuda", "fp16", 40.0, device="cuda"),
+    ])
+    assert [(r["vs_torch_fp32"], r["vs_torch_bf16"]) for r in rows] == [
+        (1.0, None), (None, 1.0), (10.0, None), (20.0, None), (3.0, None), (None, None), (None, None), (None, None)]
+
+
+def load_ratios_script():
+    spec = importlib.util.spec_from_file_location("bench_ratios", REPO / "benchmarks" / "ratios.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_ratios_script_reads_the_benchs_own_ratios_from_files_with_or_without_them():
+    """A file written before the ratio fields existed (no device, options, requested or vs_torch_*) reads the same."""
+    old_rows = [{k: v for k, v in r.items() if k in ("backend", "precision", "stage", "batch_size", "items_per_s")}
+                for r in (measured_row("torch", "fp32", 0.4), measured_row("torch", "bf16", 0.8),
+                          measured_row("onnx-cpu", "int8", 1.2))]
+    lines = load_ratios_script().ratios({"rows": old_rows})
+    assert "vision onnx-cpu/int8 vs torch/fp32, batch 1: 3.00x (1.200 vs 0.400 items/s)" in lines
+    assert "vision onnx-cpu/int8 vs torch/bf16, batch 1: 1.50x (1.200 vs 0.800 items/s)" in lines
+    assert "vision torch/bf16 vs torch/fp32, batch 1: 2.00x (0.800 vs 0.400 items/s)" in lines
+    assert not any("torch/fp32 vs torch/fp32" in line for line in lines)  # a row against itself is left out
+
+
+# ---- auto in --backends -------------------------------------------------------------------------------
+@pytest.mark.parametrize("int8_gated", [True, False])
+def test_auto_is_measured_as_the_backend_and_precision_it_picks_here(tiny_artifacts, tmp_path, int8_gated):
+    """With int8 recorded as passing the gate on these towers, auto serves int8 (on onnx-cpu today); without a
+    record, fp32. The row names what select_backend picks, says it was auto's pick, and drops the options the picked
+    backend does not take (compile: torch-cuda's, which auto may pick on a GPU machine)."""
+    from pickscore_runtime.artifacts import Artifacts
+    from pickscore_runtime.backends import select_backend
+    from pickscore_runtime.gate_records import GATE_FILE, record_gate_results
+
+    art = shutil.copytree(tiny_artifacts, tmp_path / "art", ignore=shutil.ignore_patterns(GATE_FILE))
+    artifacts = Artifacts.load(art, hash_check="size")
+    if int8_gated:
+        record_gate_results(art, artifacts.fingerprint,
+                            [{"backend": "onnx-cpu", "precision": "int8", "passed": True, "gate_version": 3}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without a record, auto says why it passed over int8
+        picked, precision, _ = select_backend(artifacts, "auto")
+        result = run_bench(art, ["onnx-cpu:fp32", "auto::compile=true"], [1], ["vision"], min_calls=1,
+                           min_seconds=0.0, output=tmp_path / "b.json")
+    assert (picked.device, precision) == ("cpu", "int8" if int8_gated else "fp32")  # whichever CPU backend auto ranks first
+    named, auto = result["rows"]
+    assert (named["backend"], named["precision"], named["requested"]) == ("onnx-cpu", "fp32", None)
+    assert (auto["backend"], auto["precision"], auto["requested"], auto["options"]) == (picked.name, precision, "auto", "")
+    assert auto["error"] is None and auto["items_per_s"] > 0
+    assert f"| {picked.name} (auto) | {precision} | - | cpu | vision | 1 | " in markdown_table(result)
+    assert bench.row_label(auto) == f"auto: {picked.name}/{precision}"
+
+
+def test_auto_takes_no_precision(tiny_artifacts, tmp_path, capsys):
+    with pytest.raises(PickScoreError, match="auto picks the precision as well as the backend"):
+        parse_backend_specs("onnx-cpu:fp32,auto:int8")
+    with pytest.raises(SystemExit) as info:  # the CLI refuses it before anything opens
+        main(["bench", "--artifacts", str(tiny_artifacts), "--backends", "auto:int8"])
+    assert info.value.code == 2 and "auto picks the precision" in capsys.readouterr().err
+    # run_bench, given it anyway, says so in its rows (as for any spec that cannot open) and measures the rest
+    result = run_bench(tiny_artifacts, ["onnx-cpu:fp32", "auto:int8"], [1], ["vision"], min_calls=1, min_seconds=0.0)
+    named, refused = result["rows"]
+    assert named["error"] is None
+    assert (refused["backend"], refused["requested"]) == ("auto", "auto") and "auto picks the precision" in refused["error"]

@@ -49,6 +49,12 @@ class Backend(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+def effective_precision(backend: Any) -> str:
+    """What a backend's kernels really run: its `effective_precision` where it can tell (OpenVINO drops a
+    bf16 hint on a CPU without BF16 instructions and runs fp32), else the precision it was asked for."""
+    return getattr(backend, "effective_precision", None) or backend.precision
+
+
 class Done:
     """A PendingEmbeddings that is already finished."""
 

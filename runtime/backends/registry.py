@@ -58,6 +58,10 @@ def _probe_tensorrt() -> str | None:
     return _no_nvidia_gpu() or _missing("tensorrt", ("cuda.bindings", "cuda-python>=12.6.1 (cuda.bindings)"))
 
 
+def _probe_openvino() -> str | None:
+    return _missing("openvino")
+
+
 def _probe_torch() -> str | None:
     return _missing("torch", "transformers")
 
@@ -107,6 +111,7 @@ class BackendInfo:
     probe: Callable[[], str | None]  # why it cannot run here, or None
     about: str
     options: tuple[BackendOption, ...] = ()  # what its create() takes beyond batch size and threads
+    reads: tuple[tuple[str, str], ...] = ()  # (precision, exported precision whose files it runs): bf16 from fp32
 
     def unavailable(self) -> str | None:
         return self.probe()
@@ -129,6 +134,11 @@ BACKENDS: dict[str, BackendInfo] = {b.name: b for b in (
     BackendInfo("torch", "cpu", "pickscore_runtime.backends.torch_backend", ("fp32", "bf16"), ("fp32",), 8,
                 "weights", "torch", _probe_torch, "the model card's PyTorch code on the CPU (fp32; bf16 = autocast)",
                 TORCH_OPTIONS),
+    # optional, not in AUTO_ORDER: auto needs it measured and gated on a BF16/VNNI CPU first (issue 22)
+    BackendInfo("openvino", "cpu", "pickscore_runtime.backends.openvino", ("fp32", "bf16", "int8"), ("int8", "bf16", "fp32"),
+                8, "artifacts", "openvino", _probe_openvino,
+                "OpenVINO on the CPU, from the ONNX (bf16: the fp32 ONNX with a bf16 inference hint)", (),
+                (("bf16", "fp32"),)),
 )}
 AUTO_ORDER = ("tensorrt", "onnx-cuda", "torch-cuda", "onnx-cpu")
 PRECISIONS = NAMES
@@ -152,6 +162,7 @@ def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | 
     artifacts carry (backends built from weights run any of theirs). With `auto`, a precision other than
     fp32 only where gate.json says it passed gate v3 on these towers."""
     have = artifacts.precisions if info.builds_from == "artifacts" else list(info.precisions)
+    have = have + [p for p, files in info.reads if files in have]
     if precision is not None:
         if precision not in info.precisions:
             raise BackendUnavailableError(f"backend {info.name} runs {', '.join(info.precisions)}, not {precision}")

@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + "); flags given beside it replace its values")
     p.add_argument("--backends", default=None, type=backend_spec,
                    help="comma-separated backend[:precision[:option=value,...]], e.g. torch:fp32,torch:bf16,onnx-cpu:int8 or "
-                        "torch-cuda:fp16:compile=true,cuda_graphs=true (default onnx-cpu:fp32)")
+                        "torch-cuda:fp16:compile=true,cuda_graphs=true; `auto` is what score would serve here "
+                        "(default onnx-cpu:fp32)")
     p.add_argument("--batch-sizes", default=None, type=lambda t: [positive_int(x) for x in csv_list()(t)],
                    help="comma-separated batch sizes (default 1,4,8)")
     p.add_argument("--stages", default=None, type=csv_list(BENCH_STAGES),

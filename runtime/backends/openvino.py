@@ -1,0 +1,117 @@
+"""OpenVINO's CPU plugin reading the exported ONNX towers directly (the optional `openvino` backend, pip extra
+[openvino]; imported only when this backend is opened).
+
+One compiled model per tower, dynamic batch (and sequence) axes as exported, `PERFORMANCE_HINT=LATENCY`,
+`INFERENCE_NUM_THREADS` from `threads` (else $PICKSCORE_THREADS, else OpenVINO's own choice). Precisions:
+
+- `fp32`: the fp32 ONNX with `INFERENCE_PRECISION_HINT=f32`: exact, gated as fp32.
+- `bf16`: the same fp32 ONNX with the hint `bf16`: OpenVINO runs its matmuls in bf16 where the CPU has
+  AVX512-BF16 or AMX, and silently in f32 where it has not (an AVX2-only CPU).
+- `int8`: our int8 ONNX (ONNX Runtime's dynamic quantisation: DynamicQuantizeLinear + MatMulInteger, the
+  text tower fp32) with the hint `bf16` for what the int8 plan keeps in fp32. OpenVINO's ONNX frontend
+  decomposes the quantisation into arithmetic and runs the integer matmuls on its own kernels: in f32 on
+  CPUs without int8 support in those kernels (the products are exact integers; see `effective_precision`).
+
+What a hint asks for and what runs can differ, so the backend reads the compiled models back:
+`effective_precision` names the precisions the matmul kernels (FullyConnected, MatMul, Convolution) really
+run ("fp32", "bf16", "int8+bf16"...; "fp32 (int8 emulated)" where the int8 plan's quantisation runs but its
+integer matmuls run on f32 kernels, as on an AVX2-only CPU), and `kernel_precisions` counts them per tower. Bench rows and gate
+records should name it beside the requested precision."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from ..artifacts import Artifacts
+from ..errors import PickScoreError
+from ..optional import require
+from ..towers import TOWERS
+from .base import BackendBase
+
+log = logging.getLogger("pickscore")
+
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}  # INFERENCE_PRECISION_HINT per precision
+FILES = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}  # the exported precision whose ONNX each one reads
+MATMULS = ("FullyConnected", "MatMul", "Convolution", "ScaledDotProductAttention")  # layer types whose precision counts
+KERNEL_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "u8": "int8", "i8": "int8"}
+ORDER = ("int8", "fp16", "bf16", "fp32")
+
+
+def kernel_precisions(compiled: Any) -> Counter:
+    """How many matmul-like layers of a compiled model run in each precision (OpenVINO's runtime model:
+    the layers as the CPU plugin executes them, after its own precision choices)."""
+    counts: Counter = Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if str(info["layerType"].astype(str)) in MATMULS:
+            precision = str(info["runtimePrecision"].astype(str))
+            counts[KERNEL_NAMES.get(precision, precision)] += 1
+    return counts
+
+
+def describe(counts: Counter) -> str:
+    """"fp32", "bf16", "int8+bf16"...: the precisions present, lowest first."""
+    names = sorted(counts, key=lambda p: ORDER.index(p) if p in ORDER else len(ORDER))
+    return "+".join(names) or "none"
+
+
+class OpenVinoBackend(BackendBase):
+    def __init__(self, artifacts: Artifacts, name: str, precision: str, batch_size: int, threads: int | None = None):
+        ov = require("openvino", f"backend {name}", extra="openvino")  # MissingExtraError naming [openvino]
+        if precision not in HINTS:
+            raise ValueError(f"backend {name} runs {', '.join(HINTS)}, not {precision!r}")
+        self.name, self.precision, self.batch_size = name, precision, batch_size
+        self.device = "cpu"
+        self.specs = artifacts.specs()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": HINTS[precision],
+                  "INFERENCE_NUM_THREADS": int(threads or int(os.environ.get("PICKSCORE_THREADS", 0)) or 0)}
+        core = ov.Core()
+        self._compiled = {tower: core.compile_model(core.read_model(str(artifacts.tower_file(tower, FILES[precision]))),
+                                                    "CPU", config) for tower in TOWERS}
+        # an InferRequest runs one call at a time and its output tensor is reused: one per tower, behind a lock
+        self._requests = {tower: compiled.create_infer_request() for tower, compiled in self._compiled.items()}
+        self._locks = {tower: threading.Lock() for tower in TOWERS}
+        self.inference_precision = {tower: c.get_property("INFERENCE_PRECISION_HINT").to_string()
+                                    for tower, c in self._compiled.items()}
+        self.kernel_precisions = {tower: dict(kernel_precisions(c)) for tower, c in self._compiled.items()}
+        self.effective_precision = describe(Counter(self.kernel_precisions["vision"]))
+        if precision == "int8" and "int8" not in self.kernel_precisions["vision"]:
+            self.effective_precision += " (int8 emulated)"  # int8 rounding, integer products on float kernels
+        self.version = ov.get_version()
+        asked = {"fp32": "fp32", "bf16": "bf16", "int8": "int8+bf16"}[precision]
+        if self.effective_precision != asked:
+            log.info("backend %s/%s runs its vision matmuls in %s on this CPU (OpenVINO %s; text tower: %s)", name,
+                     precision, self.effective_precision, self.version, describe(Counter(self.kernel_precisions["text"])))
+
+    def _run(self, tower: str, array: np.ndarray) -> np.ndarray:
+        """Run one tower on an input the base class has checked."""
+        requests = self._requests  # close() empties it: a closed backend raises below
+        if tower not in requests:
+            raise PickScoreError(f"this {self.name} backend is closed")
+        spec = self.specs[tower]
+        with self._locks[tower]:
+            out = requests[tower].infer({spec.input.name: np.ascontiguousarray(array)})
+            return np.array(out[spec.output.name], dtype=np.float32, copy=True)  # the request reuses its buffer
+
+    def _infer_text(self, input_ids: np.ndarray) -> np.ndarray:
+        return self._run("text", input_ids)
+
+    def _infer_images(self, pixel_values: Any) -> np.ndarray:
+        return self._run("vision", pixel_values)
+
+    def close(self) -> None:
+        self._requests, self._compiled = {}, {}
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.name}/{self.precision} (runs {self.effective_precision}) on {self.device}, "
+                f"batch {self.batch_size}>")
+
+
+def create(artifacts: Artifacts, name: str, precision: str, batch_size: int, threads: int | None = None) -> OpenVinoBackend:
+    return OpenVinoBackend(artifacts, name, precision, batch_size, threads)
