@@ -42,7 +42,7 @@ def first_use_plan(backend: str, precision: str | None) -> tuple[list[str], str]
     device = BACKENDS[name].device
     # the torch backends run from the weights: the artifacts give them the tokenizer and settings only
     precisions = list(DEVICE_PLANS[device]) if BACKENDS[name].builds_from == "artifacts" else ["fp32"]
-    files = dict(BACKENDS[name].reads).get(precision, precision)  # openvino's bf16 runs the fp32 files
+    files = BACKENDS[name].files_for(precision)  # openvino's bf16 runs the fp32 files
     if files is not None and files not in precisions and BACKENDS[name].builds_from == "artifacts":
         precisions.append(files)
     gate_backend = "onnx-cuda" if device == "cuda" and BACKENDS["onnx-cuda"].unavailable() is None else "onnx-cpu"

@@ -15,8 +15,8 @@ One compiled model per tower, dynamic batch (and sequence) axes as exported, `PE
 What a hint asks for and what runs can differ, so the backend reads the compiled models back:
 `effective_precision` names the precisions the matmul kernels (FullyConnected, MatMul, Convolution) really
 run ("fp32", "bf16", "int8+bf16"...; "fp32 (int8 emulated)" where the int8 plan's quantisation runs but its
-integer matmuls run on f32 kernels, as on an AVX2-only CPU), and `kernel_precisions` counts them per tower. Bench rows and gate
-records should name it beside the requested precision."""
+integer matmuls run on f32 kernels, as on an AVX2-only CPU), and `kernel_precisions` counts them per tower.
+Bench rows and verify reports name it (`runs`, through base.effective_precision)."""
 
 from __future__ import annotations
 
@@ -33,11 +33,11 @@ from ..errors import PickScoreError
 from ..optional import require
 from ..towers import TOWERS
 from .base import BackendBase
+from .registry import BACKENDS
 
 log = logging.getLogger("pickscore")
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}  # INFERENCE_PRECISION_HINT per precision
-FILES = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}  # the exported precision whose ONNX each one reads
 MATMULS = ("FullyConnected", "MatMul", "Convolution", "ScaledDotProductAttention")  # layer types whose precision counts
 KERNEL_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "u8": "int8", "i8": "int8"}
 ORDER = ("int8", "fp16", "bf16", "fp32")
@@ -71,9 +71,9 @@ class OpenVinoBackend(BackendBase):
         self.specs = artifacts.specs()
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": HINTS[precision],
                   "INFERENCE_NUM_THREADS": int(threads or int(os.environ.get("PICKSCORE_THREADS", 0)) or 0)}
-        core = ov.Core()
-        self._compiled = {tower: core.compile_model(core.read_model(str(artifacts.tower_file(tower, FILES[precision]))),
-                                                    "CPU", config) for tower in TOWERS}
+        core, files = ov.Core(), BACKENDS["openvino"].files_for(precision)
+        self._compiled = {tower: core.compile_model(core.read_model(str(artifacts.tower_file(tower, files))), "CPU", config)
+                          for tower in TOWERS}
         # an InferRequest runs one call at a time and its output tensor is reused: one per tower, behind a lock
         self._requests = {tower: compiled.create_infer_request() for tower, compiled in self._compiled.items()}
         self._locks = {tower: threading.Lock() for tower in TOWERS}

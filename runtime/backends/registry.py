@@ -116,6 +116,10 @@ class BackendInfo:
     def unavailable(self) -> str | None:
         return self.probe()
 
+    def files_for(self, precision: str | None) -> str | None:
+        """The exported precision whose tower files this backend runs for `precision` (openvino's bf16: fp32)."""
+        return dict(self.reads).get(precision, precision)
+
 
 BACKENDS: dict[str, BackendInfo] = {b.name: b for b in (
     BackendInfo("tensorrt", "cuda", "pickscore_runtime.backends.tensorrt", ("fp16", "fp32"), ("fp16",), 64,
