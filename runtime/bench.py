@@ -394,11 +394,12 @@ def row_from_times(backend: Backend, stage: str, batch: int, items_per_call: int
     """The row of one measured cell; a vision call's time is shared by its batches, so its p50/p95 are per batch."""
     ms = np.array(times) * 1000 / (items_per_call // batch if stage == "vision" else 1)
     gpu = round(gpu_peak) if gpu_peak is not None and backend.device == "cuda" else None
+    runs = effective_precision(backend)
     return Row(backend.name, backend.precision, backend.device, stage, batch,
                round(items_per_call * len(times) / sum(times), 3),
                round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 95)), 3), round(peak), gpu,
                options=options, requested=requested,
-               runs=None if effective_precision(backend) == backend.precision else effective_precision(backend))
+               runs=None if runs == backend.precision else runs)
 
 
 def error_text(e: BaseException) -> str:

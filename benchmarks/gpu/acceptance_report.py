@@ -190,12 +190,6 @@ def probe(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 # ---- the report ----------------------------------------------------------------------------------------
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class Report:
     """summary.json (+ summary.md, bench.jsonl, results.tar.gz) under `out`, rewritten on every `save()`."""
 
@@ -203,20 +197,25 @@ class Report:
         self.out, self.staging, self.data, self.t0 = out, staging, data, t0
 
     def save(self, **changes: Any) -> None:
+        from pickscore_runtime.durable import atomic_write  # the project is importable by now (ensure_project)
+
+        def write(name: str, text: str) -> None:
+            atomic_write(self.out / name, [text.encode()])
+
         self.data.update(changes)
         rows = bench_rows(self.staging)
         self.data.update(seconds=round(time.monotonic() - self.t0, 1), bench_rows=len(rows),
                          updated_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          smoke=smoke_summary(self.staging))
-        write_atomically(self.out / "summary.json", json.dumps(self.data, indent=2, default=str) + "\n")
+        write("summary.json", json.dumps(self.data, indent=2, default=str) + "\n")
         if rows:
-            write_atomically(self.out / "bench.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            write("bench.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         self.pack()
         try:
             text = markdown(self.data, rows)
         except Exception as e:  # noqa: BLE001 - summary.json holds it all; the table must not stop the run
             text = f"# GPU acceptance\n\nsummary.md could not be written ({type(e).__name__}: {e}); see summary.json\n"
-        write_atomically(self.out / "summary.md", text)
+        write("summary.md", text)
 
     def pack(self) -> None:
         tmp = self.out / ".results.tar.gz.tmp"
