@@ -56,7 +56,7 @@ class NonFiniteError(ImageError):
 
 
 class PromptError(PickScoreError):
-    """One prompt cannot be used (empty, not a string)."""
+    """One prompt cannot be used (not a string, empty, invalid Unicode, too long)."""
 
 
 class RewardError(PickScoreError):

@@ -45,6 +45,7 @@ class ImagePreparer:
         """Pixels of one image; raises ImageError naming `name`."""
         img = open_lazily(item, name)
         pixels = check_pixels(img, name, self.max_image_pixels)
+        self.preprocessor.check_size(*img.size, name)
         if self.jpeg_draft and img.format == "JPEG" and not self.apply_exif_orientation:
             # draft() keeps at least the requested size: ask for what the resize will produce
             img.draft("RGB", output_size(*img.size, self.preprocessor.config.shortest_edge))

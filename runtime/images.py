@@ -25,6 +25,10 @@ ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 # or a mistake, and costs ~200 MB per decoding worker. Configurable (`max_image_pixels`).
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
+# Only raster formats Pillow decodes itself. EPS/PS would run Ghostscript (an external program a looping
+# file keeps busy forever), and no image generator writes the others Pillow can open.
+RASTER_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+
 
 def image_name(item: object, index: int) -> str:
     """How results and errors refer to an input: its path, else its position and kind."""
@@ -35,7 +39,10 @@ def image_name(item: object, index: int) -> str:
 
 def _open_encoded(data: io.BytesIO | Path, name: str) -> Image.Image:
     try:
-        return Image.open(data)
+        return Image.open(data, formats=RASTER_FORMATS)
+    except Image.UnidentifiedImageError:
+        raise ImageError(name, "cannot decode (not an image in a format this runtime reads: "
+                               f"{', '.join(RASTER_FORMATS)})") from None
     except Image.DecompressionBombError as e:
         raise ImageError(name, f"refused as a decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

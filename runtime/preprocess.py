@@ -66,6 +66,15 @@ class Preprocessor:
         self._std = np.array(config.image_std, dtype=np.float32)
         self._resample = _RESAMPLE[config.resample]
 
+    def check_size(self, width: int, height: int, name: str = "image") -> tuple[int, int]:
+        """The resized size of a width x height image; ImageError if its aspect ratio is too extreme.
+        Known from the header, so an image is refused before its pixels are decoded."""
+        size = output_size(width, height, self.config.shortest_edge)
+        if size[0] * size[1] > MAX_RESIZED_PIXELS:
+            raise ImageError(name, f"aspect ratio of {width}x{height} is too extreme to preprocess "
+                                   f"(max {MAX_RESIZED_PIXELS} px after resize)")
+        return size
+
     def __call__(self, img: Image.Image, name: str = "image", reducing_gap: float | None = None) -> np.ndarray:
         """One decoded image -> float32 [3, crop, crop]. reducing_gap (not the reference's): PIL first
         shrinks by an integer factor with a box filter, then resamples; faster, no longer exact."""
@@ -74,10 +83,7 @@ class Preprocessor:
             rgb = to_rgb(img)
         except (OSError, ValueError) as e:
             raise ImageError(name, f"cannot convert mode {img.mode} to RGB ({e})") from None
-        w, h = rgb.size
-        size = output_size(w, h, cfg.shortest_edge)
-        if size[0] * size[1] > MAX_RESIZED_PIXELS:
-            raise ImageError(name, f"aspect ratio of {w}x{h} is too extreme to preprocess (max {MAX_RESIZED_PIXELS} px after resize)")
+        size = self.check_size(*rgb.size, name)
         pixels = np.asarray(rgb.resize(size, resample=self._resample, reducing_gap=reducing_gap))
         top, left = crop_box(size, cfg.crop_size)
         pixels = pixels[top : top + cfg.crop_size, left : left + cfg.crop_size]

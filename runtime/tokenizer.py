@@ -25,10 +25,26 @@ class TokenizedBatch:
         return self.input_ids[row, : self.lengths[row]].astype("<i4").tobytes()
 
 
+# The text tower reads 77 tokens. A prompt far longer than that is refused before tokenising, because
+# tokenising 8 M characters takes seconds of a shared thread; cutting the text instead would change which
+# tokens the reference sees whenever the cut falls before its 77th token.
+MAX_PROMPT_CHARS = 16_384
+
+
 def check_prompt(prompt: object, index: int | None = None) -> str:
+    """The prompt, as the tokenizer will see it, or PromptError naming it: a non-empty string of valid
+    Unicode (no lone surrogates, which the tokenizer rejects) of at most MAX_PROMPT_CHARS characters."""
     where = "prompt" if index is None else f"prompt #{index}"
     if not isinstance(prompt, str):
         raise PromptError(f"{where} must be a string, got {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise PromptError(f"{where} is {len(prompt):,} characters, over the {MAX_PROMPT_CHARS:,} limit "
+                          "(the model reads only its first 77 tokens)")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"{where} is not valid Unicode: {prompt[e.start]!r} at character {e.start} "
+                          "is a lone surrogate") from None
     if not prompt.strip():
         raise PromptError(f"{where} is empty: an empty prompt has no meaning to score against")
     return prompt
