@@ -91,6 +91,7 @@ class CpuMeter:
         self.seen: dict[tuple[int, float], tuple[float, float]] = {}  # (pid, start) -> (first, last) CPU s
         self._stop = threading.Event()
         self._excluded: set[int] = set()
+        self.peak_rss = 0
 
     def exclude(self, pid: int) -> None:
         self._excluded.add(pid)
@@ -98,16 +99,19 @@ class CpuMeter:
     def _sample(self, first: bool = False) -> None:
         import psutil
 
+        rss = 0
         for p in psutil.Process().children(recursive=True):
-            if p.pid in self._excluded:
-                continue
             try:
+                rss += p.memory_info().rss
+                if p.pid in self._excluded:
+                    continue
                 key, t = (p.pid, p.create_time()), p.cpu_times()
             except psutil.Error:
                 continue
             cpu = t.user + t.system
             baseline = cpu if first else 0.0
             self.seen[key] = (self.seen.get(key, (baseline, cpu))[0], cpu)
+        self.peak_rss = max(self.peak_rss, rss)
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):

@@ -22,14 +22,33 @@ import numpy as np
 
 from .errors import ArtifactError
 from .locks import FileLock
+from .onnx_proto import read_onnx_summary
 from .precisions import EXPORTED
 from .preprocess import PreprocessConfig
-from .towers import TOWERS, TowerSpec, tower_specs
+from .tokenizer import ClipTokenizer
+from .towers import DYNAMIC_AXES, TOWERS, TensorSpec, TowerSpec, tower_specs
 
 MANIFEST = "manifest.json"
 FORMAT = "pickscore-artifacts"
 FORMAT_VERSION = 1
 HASH_CHECKS = ("full", "size")
+# CLIP training clamps exp(logit_scale) at 100; a stored scale far beyond that is a corrupted manifest, and
+# exp() of one over ~88 overflows float32, which would make every score Inf.
+MAX_LOGIT_SCALE_EXP = 1000.0
+
+
+def logit_scale_problem(value: Any) -> str | None:
+    """Why `value` cannot be a model's logit_scale, or None: scores multiply by exp(value) in float32."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return f"logit_scale is {type(value).__name__}"
+    if not math.isfinite(value):
+        return f"logit_scale is {value}"
+    with np.errstate(over="ignore"):
+        scale = float(np.exp(np.float32(value)))
+    if not 1.0 / MAX_LOGIT_SCALE_EXP <= scale <= MAX_LOGIT_SCALE_EXP:
+        return (f"logit_scale is {value}: exp(logit_scale) = {scale:.4g} is outside [{1 / MAX_LOGIT_SCALE_EXP:g}, "
+                f"{MAX_LOGIT_SCALE_EXP:g}] (CLIP caps it at 100)")
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -48,7 +67,7 @@ def is_artifacts_dir(path: Path) -> bool:
     """Whether `path` holds one of our manifests (what `--force` is allowed to replace)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
@@ -139,8 +158,8 @@ class Artifacts:
             raise ArtifactError(f"{root} has no {MANIFEST}: not an artifacts directory, or an export that did not finish")
         try:
             manifest = json.loads(manifest_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"{manifest_path} is not valid JSON: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, an over-long integer
+            raise ArtifactError(f"{manifest_path} is not valid JSON: {type(e).__name__}: {e}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ArtifactError(f"{manifest_path} is not a PickScore artifacts manifest")
         version = manifest.get("format_version")
@@ -153,6 +172,7 @@ class Artifacts:
         artifacts = cls(root, manifest)
         for entry in artifacts._all_file_entries():
             artifacts._check_file(entry, hash_check)
+        artifacts._check_onnx_files()
         if not artifacts.precisions:
             raise ArtifactError(f"{root}: no precision has both a text and a vision tower")
         return artifacts
@@ -160,9 +180,8 @@ class Artifacts:
     def _all_file_entries(self) -> Iterator[dict[str, Any]]:
         """Each file once (a file may serve several precisions, e.g. the fp32 text tower for int8)."""
         entries = [self.manifest["tokenizer"]]
-        for tower in TOWERS:
-            for variant in self.manifest["towers"].get(tower, {}).get("precisions", {}).values():
-                entries += variant["files"]
+        for _, _, variant in self._variants():
+            entries += variant["files"]
         yield from {e["path"]: e for e in entries}.values()
 
     def _check_file(self, entry: dict[str, Any], hash_check: str) -> None:
@@ -174,6 +193,47 @@ class Artifacts:
             raise ArtifactError(f"{path} is {size} bytes, the manifest says {entry['size']}: truncated or replaced")
         if hash_check == "full" and sha256_file(path) != entry["sha256"]:
             raise ArtifactError(f"{path} does not match its SHA-256 in the manifest: the file was modified")
+
+    def _check_onnx_files(self) -> None:
+        """Each ONNX tower takes and gives what the runtime will feed and read (towers.py), parses whole (a
+        truncated file fails here, not inside a runtime), and keeps its weights only in files the manifest lists
+        beside it, so that every byte a runtime loads has been size- and hash-checked."""
+        specs, seen = self.specs(), {}
+        for tower, precision, variant in self._variants():
+            if variant.get("format", "onnx") != "onnx":
+                continue
+            main = self._main_file(variant)
+            path = self.root / main
+            if main not in seen:
+                try:
+                    seen[main] = read_onnx_summary(path)
+                except (OSError, ValueError) as e:
+                    raise ArtifactError(f"{path} is not a readable ONNX model ({e}): truncated or replaced; "
+                                        "re-run `pickscore export`") from None
+            summary, spec = seen[main], specs[tower]
+            for kind, got, want in (("input", summary.inputs, spec.inputs), ("output", summary.outputs, spec.outputs)):
+                problem = io_mismatch(got, want)
+                if problem:
+                    raise ArtifactError(f"{path} (the {precision} {tower} tower) has the wrong {kind}s: {problem}; "
+                                        "it is not this model's tower, or the manifest's dims are wrong")
+            listed = {f["path"] for f in variant["files"]}
+            for location in summary.external_data:
+                data = PurePosixPath(main).parent / location
+                if path_problem(location) or data.as_posix() not in listed:
+                    raise ArtifactError(f"{path} keeps weights in {location!r}, which towers.{tower}.precisions."
+                                        f"{precision}.files does not list, so it would load unchecked; re-run "
+                                        "`pickscore export`")
+
+    def _variants(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        for tower in TOWERS:
+            for precision, variant in self.manifest["towers"].get(tower, {}).get("precisions", {}).items():
+                yield tower, precision, variant
+
+    @staticmethod
+    def _main_file(variant: dict[str, Any]) -> str:
+        """The path of a variant's model file (`_check_structure` made sure it has exactly one)."""
+        fmt = variant.get("format", "onnx")
+        return next(f["path"] for f in variant["files"] if f["path"].endswith(f".{fmt}"))
 
     # ---- what the runtime needs -------------------------------------------------------------
     @property
@@ -260,7 +320,7 @@ class Artifacts:
             ) from None
         if variant.get("format", "onnx") != fmt:
             raise ArtifactError(f"{self.root}: the {precision} {tower} tower is {variant.get('format')!r}, not {fmt!r}")
-        return self.root / next(f["path"] for f in variant["files"] if f["path"].endswith(f".{fmt}"))
+        return self.root / self._main_file(variant)
 
     def tower_sha256(self, tower: str, precision: str, fmt: str = "onnx") -> str:
         """The SHA-256 of `tower_file` as the manifest records it (what engines are keyed on)."""
@@ -272,11 +332,48 @@ class Artifacts:
     def tokenizer_file(self) -> Path:
         return self.root / self.manifest["tokenizer"]["path"]
 
+    def open_tokenizer(self) -> ClipTokenizer:
+        """The tokenizer as the manifest configures it; ArtifactError naming the file if it cannot be one."""
+        config = self.tokenizer_config
+        try:
+            return ClipTokenizer(self.tokenizer_file, config.max_length, config.pad_token)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+            raise ArtifactError(f"{self.tokenizer_file} cannot be used as the tokenizer ({e}); re-run `pickscore export`") from None
+
     @property
     def fingerprint(self) -> str:
         """Identifies the weights + tokenizer: changes whenever any tower or tokenizer file changes."""
         hashes = sorted(e["sha256"] for e in self._all_file_entries())
         return hashlib.sha256(json.dumps([hashes, self.manifest["logit_scale"]]).encode()).hexdigest()[:16]
+
+
+def path_problem(path: Any) -> str | None:
+    """Why `path` cannot name a file inside the artifacts directory, or None: it must be a plain relative
+    POSIX path, written the one way (no "./", "//" or trailing "/"), so that two spellings never name one
+    file and the manifest's path is the file's."""
+    if not isinstance(path, str) or not path:
+        return "an empty path"
+    parts = PurePosixPath(path).parts
+    if path.startswith("/") or ".." in parts:
+        return "outside the artifacts directory"
+    if PurePosixPath(path).as_posix() != path or "." in path.split("/") or path.endswith("/") or "\\" in path:
+        return "not a plain relative file path"
+    return None
+
+
+def io_mismatch(got: Iterable[Any], want: Iterable[TensorSpec]) -> str | None:
+    """How a graph's inputs or outputs (onnx_proto.GraphValue) differ from the tower's declared ones, or None.
+    A dynamic axis of the spec may be anything in the graph; a fixed one must be that number."""
+    got, want = list(got), list(want)
+    if [g.name for g in got] != [w.name for w in want]:
+        return f"{[g.name for g in got]}, expected {[w.name for w in want]}"
+    for g, w in zip(got, want):
+        if g.dtype != w.dtype:
+            return f"{g.name} is {g.dtype}, expected {w.dtype}"
+        if g.shape is not None and (len(g.shape) != len(w.shape) or any(
+                isinstance(d, int) and d != e for d, e in zip(g.shape, w.shape))):
+            return f"{g.name} has shape {list(g.shape)}, expected {list(w.shape)}"
+    return None
 
 
 def _check_structure(manifest: dict[str, Any], where: Path) -> None:
@@ -290,41 +387,63 @@ def _check_structure(manifest: dict[str, Any], where: Path) -> None:
             raise ArtifactError(f"{where} lacks the {key!r} section")
         if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
             fail(f"{key!r} is {type(manifest[key]).__name__}")
-    if not math.isfinite(manifest["logit_scale"]):
-        fail(f"logit_scale is {manifest['logit_scale']}")
+    problem = logit_scale_problem(manifest["logit_scale"])
+    if problem:
+        fail(problem)
     for key in ("embed_dim", "image_size"):
-        if not isinstance(manifest["dims"].get(key), int) or manifest["dims"][key] < 1:
-            fail(f"dims.{key} is {manifest['dims'].get(key)!r}")
+        value = manifest["dims"].get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(f"dims.{key} is {value!r}")
     if not isinstance(manifest["model"].get("source"), dict):
         fail("model.source is missing")
     try:
         PreprocessConfig.from_json(manifest["preprocessing"])
-    except (KeyError, TypeError, ValueError) as e:
-        fail(f"preprocessing: {type(e).__name__} {e}")
-    entries = [("tokenizer", manifest["tokenizer"])]
-    for key in ("max_length", "pad_token"):
-        if key not in manifest["tokenizer"]:
-            fail(f"tokenizer.{key} is missing")
+    except ValueError as e:
+        fail(f"preprocessing.{e}")
+    tokenizer = manifest["tokenizer"]
+    lo, hi = DYNAMIC_AXES["sequence"]
+    if not isinstance(tokenizer.get("max_length"), int) or isinstance(tokenizer["max_length"], bool) \
+            or not lo <= tokenizer["max_length"] <= hi:
+        fail(f"tokenizer.max_length is {tokenizer.get('max_length')!r}, expected a whole number in [{lo}, {hi}]")
+    if not isinstance(tokenizer.get("pad_token"), str) or not tokenizer["pad_token"]:
+        fail(f"tokenizer.pad_token is {tokenizer.get('pad_token')!r}, expected a token")
+    lists: list[tuple[str, list[Any], str | None]] = [("tokenizer", [tokenizer], None)]
     for tower, section in manifest["towers"].items():
         variants = section.get("precisions") if isinstance(section, dict) else None
         if not isinstance(variants, dict):
             fail(f"towers.{tower}.precisions is missing")
         for precision, variant in variants.items():
+            label = f"towers.{tower}.precisions.{precision}"
             files = variant.get("files") if isinstance(variant, dict) else None
             if not isinstance(files, list) or not files:
-                fail(f"towers.{tower}.precisions.{precision}.files is missing")
-            entries += [(f"towers.{tower}.{precision}", f) for f in files]
-    for label, entry in entries:
-        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("size"), int)
-                and isinstance(entry.get("sha256"), str)):
-            fail(f"{label} has a file entry without path, size and sha256")
-        path = PurePosixPath(entry["path"])
-        if path.is_absolute() or ".." in path.parts:
-            fail(f"{label} names {entry['path']!r}, outside the artifacts directory")
+                fail(f"{label}.files is missing")
+            fmt = variant.get("format", "onnx")
+            if not isinstance(fmt, str):
+                fail(f"{label}.format is {fmt!r}")
+            lists.append((label, files, fmt))
+    recorded: dict[str, tuple[Any, Any]] = {}
+    for label, entries, fmt in lists:
+        seen = set()
+        for entry in entries:
+            if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("size"), int)
+                    and not isinstance(entry["size"], bool) and isinstance(entry.get("sha256"), str)):
+                fail(f"{label} has a file entry without path, size and sha256")
+            problem = path_problem(entry["path"])
+            if problem:
+                fail(f"{label} names {entry['path']!r}: {problem}")
+            if entry["path"] in seen:
+                fail(f"{label} lists {entry['path']!r} twice")
+            seen.add(entry["path"])
+            # a file shared by precisions (int8 runs the fp32 text tower) is checked once: its entries must agree
+            if recorded.setdefault(entry["path"], (entry["size"], entry["sha256"])) != (entry["size"], entry["sha256"]):
+                fail(f"{label} lists {entry['path']!r} with another size or SHA-256 than an earlier entry")
+        if fmt is not None and len([e for e in entries if e["path"].endswith(f".{fmt}")]) != 1:
+            fail(f"{label} lists no .{fmt} file, or several: it needs exactly one (the model)")
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
-    if not math.isfinite(manifest["logit_scale"]):
-        raise ArtifactError("refusing to write a manifest with a non-finite logit scale")
+    problem = logit_scale_problem(manifest["logit_scale"])
+    if problem:
+        raise ArtifactError(f"refusing to write a manifest whose {problem}")
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")

@@ -10,6 +10,7 @@ for the towers' precision (the gate judges the exported graph); a failure counts
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -27,13 +28,50 @@ class GateStatus:
     backend: str | None = None  # where the deciding record was made
 
 
+class GateWarning(UserWarning):
+    """auto passed over a precision that failed its numerics gate on these artifacts, or was never gated; or a
+    gate record could not be read (it then counts as no verdict)."""
+
+
+def record_problem(key: Any, record: Any) -> str | None:
+    """Why one entry of gate.json is not a record this module wrote, or None."""
+    if not isinstance(key, str) or key.count("/") != 1:
+        return "its key is not backend/precision"
+    if not isinstance(record, dict):
+        return f"it is {type(record).__name__}, not an object"
+    for field, ok in (("passed", lambda v: isinstance(v, bool)),
+                      ("failures", lambda v: v is None or (isinstance(v, list) and all(isinstance(f, str) for f in v))),
+                      ("gate_version", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
+                      ("fingerprint", lambda v: isinstance(v, str))):
+        if not ok(record.get(field)):
+            return f"its {field!r} is {record.get(field)!r}"
+    return None
+
+
 def read_gate_records(root: str | Path) -> dict[str, dict[str, Any]]:
-    """{"backend/precision": record}; nothing when absent or unreadable (a record is advice, not an artifact)."""
+    """{"backend/precision": record}; nothing when absent or unreadable (a record is advice, not an artifact).
+    A malformed record is left out with a GateWarning naming the file and the field: it is no verdict, so
+    `auto` serves fp32 for that precision rather than trusting or crashing on it."""
+    path = Path(root) / GATE_FILE
     try:
-        records = json.loads((Path(root) / GATE_FILE).read_text())
-    except (OSError, ValueError):
+        records = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
-    return records if isinstance(records, dict) else {}
+    except (OSError, ValueError, RecursionError) as e:
+        warnings.warn(f"{path} cannot be read ({type(e).__name__}: {e}); its gate verdicts are ignored", GateWarning, stacklevel=2)
+        return {}
+    if not isinstance(records, dict):
+        warnings.warn(f"{path} is {type(records).__name__}, not an object; its gate verdicts are ignored",
+                      GateWarning, stacklevel=2)
+        return {}
+    good = {}
+    for key, record in records.items():
+        problem = record_problem(key, record)
+        if problem:
+            warnings.warn(f"{path}: the record {key!r} is ignored (no verdict): {problem}", GateWarning, stacklevel=2)
+        else:
+            good[key] = record
+    return good
 
 
 def record_gate_results(root: str | Path, fingerprint: str, reports: Iterable[Mapping[str, Any]]) -> Path:
@@ -52,7 +90,7 @@ def record_gate_results(root: str | Path, fingerprint: str, reports: Iterable[Ma
 def gate_status(root: str | Path, fingerprint: str, backend: str, precision: str) -> GateStatus:
     """Whether `precision` may be served by `auto` on `backend` for the towers with this fingerprint."""
     mine = {key: rec for key, rec in read_gate_records(root).items()
-            if isinstance(rec, dict) and rec.get("fingerprint") == fingerprint and key.endswith(f"/{precision}")}
+            if rec["fingerprint"] == fingerprint and key.endswith(f"/{precision}")}
     own = mine.get(f"{backend}/{precision}")
     if own is not None and own.get("passed") is False:
         return GateStatus("failed", tuple(own.get("failures") or ()), backend)

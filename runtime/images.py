@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
+import stat
 import threading
 from pathlib import Path
 from typing import Iterator, Union
@@ -51,13 +53,34 @@ def _open_encoded(data: io.BytesIO | Path, name: str) -> Image.Image:
         raise ImageError(name, f"cannot decode ({type(e).__name__}: {reason})") from None
 
 
+def looks_like_url(text: str) -> bool:
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text) is not None
+
+
+def _not_a_file(path: Path, given: str) -> str:
+    """Why `path` (not a regular file) cannot be read as an image, saying what it is (`given`: as the caller
+    wrote it, since Path folds a URL's '//')."""
+    if path.is_dir():
+        return "directory, not an image file"
+    if looks_like_url(given) and not path.exists():
+        return "URLs are not fetched; download the image first and give its path"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "file not found"
+    kinds = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "named pipe"),
+             (stat.S_ISSOCK, "socket"))
+    kind = next((what for test, what in kinds if test(mode)), "special file")
+    return f"not a regular file ({kind})"
+
+
 def open_lazily(item: ImageInput, name: str) -> Image.Image:
     """The image with its size and mode known; for files and bytes only the header has been read."""
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         try:
             if not path.is_file():
-                raise ImageError(name, "directory, not an image file" if path.is_dir() else "file not found")
+                raise ImageError(name, _not_a_file(path, os.fspath(item)))
             if path.stat().st_size == 0:
                 raise ImageError(name, "file is empty (0 bytes)")
         except OSError as e:

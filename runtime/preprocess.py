@@ -5,6 +5,7 @@ float64 then float32, (x - mean) / std in float32, CHW."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 # The resized intermediate of an extreme aspect ratio (say 100000x1) would need gigabytes; the
 # reference would try anyway and exhaust memory. Refuse such images by name instead.
 MAX_RESIZED_PIXELS = 64_000_000
+MAX_SIDE = 8192  # shortest_edge and crop_size: a tower's input side is a few hundred pixels
 
 
 @dataclass(frozen=True)
@@ -31,14 +33,22 @@ class PreprocessConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "PreprocessConfig":
-        cfg = cls(
-            int(d["shortest_edge"]), int(d["crop_size"]), str(d["resample"]), float(d["rescale_factor"]),
-            tuple(float(v) for v in d["image_mean"]), tuple(float(v) for v in d["image_std"]),
-        )
-        if cfg.resample not in _RESAMPLE:
-            raise ValueError(f"unsupported resample {cfg.resample!r}; supported: {sorted(_RESAMPLE)}")
+        """The config a manifest (or preprocessor_config.json, as read by export) records; ValueError naming
+        the first field that is missing, of the wrong type or out of range, so a corrupted manifest is refused
+        at load rather than scoring NaN (a zero std) or failing per image (a zero crop)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"is {type(d).__name__}, expected an object")
+        missing = [k for k in ("shortest_edge", "crop_size", "resample", "rescale_factor", "image_mean", "image_std")
+                   if k not in d]
+        if missing:
+            raise ValueError(f"{missing[0]} is missing")
+        cfg = cls(_whole(d, "shortest_edge"), _whole(d, "crop_size"), d["resample"], _positive(d, "rescale_factor"),
+                  _channels(d, "image_mean", positive=False), _channels(d, "image_std", positive=True))
+        if not isinstance(cfg.resample, str) or cfg.resample not in _RESAMPLE:
+            raise ValueError(f"resample is {cfg.resample!r}; supported: {sorted(_RESAMPLE)}")
         if cfg.crop_size > cfg.shortest_edge:
-            raise ValueError("crop_size larger than shortest_edge would need padding, which CLIP never does")
+            raise ValueError(f"crop_size {cfg.crop_size} is larger than shortest_edge {cfg.shortest_edge}: that would "
+                             "need padding, which CLIP never does")
         return cfg
 
     def to_json(self) -> dict[str, Any]:
@@ -46,6 +56,34 @@ class PreprocessConfig:
             "shortest_edge": self.shortest_edge, "crop_size": self.crop_size, "resample": self.resample,
             "rescale_factor": self.rescale_factor, "image_mean": list(self.image_mean), "image_std": list(self.image_std),
         }
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(d: dict[str, Any], key: str) -> int:
+    value = d[key]
+    if not _number(value) or value != int(value) or not 1 <= value <= MAX_SIDE:
+        raise ValueError(f"{key} is {value!r}, expected a whole number of pixels in [1, {MAX_SIDE}]")
+    return int(value)
+
+
+def _positive(d: dict[str, Any], key: str) -> float:
+    value = d[key]
+    if not _number(value) or value <= 0:
+        raise ValueError(f"{key} is {value!r}, expected a finite number > 0")
+    return float(value)
+
+
+def _channels(d: dict[str, Any], key: str, positive: bool) -> tuple[float, float, float]:
+    """One finite value per RGB channel (a std also > 0: pixels are divided by it)."""
+    value = d[key]
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(map(_number, value)) \
+            or (positive and min(value) <= 0):
+        raise ValueError(f"{key} is {value!r}, expected 3 finite numbers (one per RGB channel)"
+                         + (", each > 0" if positive else ""))
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -31,7 +31,7 @@ from .pipeline import ScoringPipeline, WorkItem, default_workers
 from .preprocess import Preprocessor
 from .results import (RANDOM_WEIGHTS_BANNER, TEXT_NONFINITE, VISION_NONFINITE, PromptResult, RandomWeightsWarning,
                       ResultAssembler, first_nonfinite_row)
-from .tensor_images import TensorPreparer, is_tensor_batch
+from .tensor_images import TensorPreparer, batch_length, is_tensor_batch
 from .text_cache import TextEmbeddingCache
 from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer, check_prompt
@@ -63,7 +63,11 @@ class PickScorer:
         artifacts = Artifacts.load(artifacts_dir, hash_check=options.hash_check)
         info, chosen, why = select_backend(artifacts, options.backend, options.precision)
         engine = open_backend(info, artifacts, chosen, **options.backend_kwargs())
-        scorer = cls.from_backend(artifacts, engine, options, backend_choice=why)
+        try:
+            scorer = cls.from_backend(artifacts, engine, options, backend_choice=why)
+        except BaseException:  # a tokenizer file that cannot be used, say: the sessions must not outlive the failure
+            engine.close()
+            raise
         if artifacts.random_weights:
             warnings.warn(f"{RANDOM_WEIGHTS_BANNER} ({artifacts.root})", RandomWeightsWarning, stacklevel=2)
         log.info("loaded %s on %s/%s (%s)", artifacts.root, engine.name, engine.precision, why)
@@ -103,10 +107,10 @@ class PickScorer:
         """A scorer around an already opened backend (its backend, precision, batch and threads are the
         backend's own; the text cache, decoding and workers come from `options` / `settings`)."""
         options = cls._options(options, None, None, settings)
-        tok, dim = artifacts.tokenizer_config, artifacts.embed_dim
+        dim, tokenizer = artifacts.embed_dim, artifacts.open_tokenizer()  # before the cache file opens
         cache = TextEmbeddingCache(f"{artifacts.fingerprint}:{backend.precision}", dim, capacity=options.text_cache_size,
                                    path=options.text_cache_file)
-        text = TextEncoder(ClipTokenizer(artifacts.tokenizer_file, tok.max_length, tok.pad_token), backend, cache, dim)
+        text = TextEncoder(tokenizer, backend, cache, dim)
         images = ImagePreparer(Preprocessor(artifacts.preprocessing), **options.decode.preparer_options())
         return cls(artifacts, backend, text, images, options.workers, backend_choice)
 
@@ -203,7 +207,7 @@ class PickScorer:
         to scoring the same pixels from a PNG file); "fast" resizes with the device's bicubic + antialias.
         Where a tower returns NaN or Inf for some items, raises NonFiniteError naming them; its `scores`
         holds the others' scores (NaN at its `failed` indices)."""
-        n = int(images.shape[0]) if hasattr(images, "shape") else len(images)
+        n = batch_length(images) if hasattr(images, "shape") else len(images)
         prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
         if len(prompts) != n:
             raise ValueError(f"one prompt per image (or one for all): {n} images but {len(prompts)} prompts")

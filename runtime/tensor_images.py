@@ -40,15 +40,32 @@ def is_tensor_batch(images: Any) -> bool:
 
 
 def _as_native(images: Any) -> Any:
-    """numpy stays numpy; torch stays torch; other DLPack producers become torch (GPU) or numpy (host)."""
-    if isinstance(images, np.ndarray) or is_torch_tensor(images):
+    """numpy stays numpy; torch stays torch (checked readable, detached); other DLPack producers become torch
+    (GPU) or numpy (host)."""
+    if isinstance(images, np.ndarray):
         return images
+    if is_torch_tensor(images):
+        return readable_tensor(images)
     device = images.__dlpack_device__()[0] if hasattr(images, "__dlpack_device__") else 1
     if device == 1:  # kDLCPU
         return np.from_dlpack(images)
     from .optional import require
 
-    return require("torch", "images on a GPU given through DLPack").from_dlpack(images)
+    return readable_tensor(require("torch", "images on a GPU given through DLPack").from_dlpack(images))
+
+
+def readable_tensor(tensor: Any) -> Any:
+    """`tensor` detached, after refusing the kinds whose pixels cannot be read as a dense array: torch would
+    fail deep inside preprocessing with a message that names neither the batch nor the fix."""
+    import torch
+
+    if tensor.device.type == "meta":
+        raise ImageError("batch", "tensor on device 'meta' has no data (materialise it first, e.g. torch.empty_like(t, "
+                                  "device='cpu'), or pass the real generations)")
+    if tensor.is_nested or tensor.layout != torch.strided:
+        kind = "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
+        raise ImageError("batch", f"a {kind} tensor has no dense pixels; pass a dense one (t.to_dense())")
+    return tensor.detach()
 
 
 def channels_last(shape: tuple[int, ...], layout: str) -> bool:
@@ -65,10 +82,19 @@ def channels_last(shape: tuple[int, ...], layout: str) -> bool:
     return last
 
 
-def checked_layout(batch: Any, layout: str) -> bool:
-    """Whether a 4-D batch is channels-last, after refusing shapes no image batch has."""
-    if batch.ndim != 4:
-        raise ImageError("batch", f"expected a 4-D batch (N, C, H, W or N, H, W, C), got shape {tuple(batch.shape)}")
+def batch_length(batch: Any) -> int:
+    """How many images a batch array holds; ImageError unless it is 4-D (an image batch has no other rank)."""
+    shape = tuple(batch.shape)
+    if len(shape) != 4:
+        raise ImageError("batch", f"expected a 4-D batch (N, C, H, W or N, H, W, C), got shape {shape}")
+    return int(shape[0])
+
+
+def checked_layout(batch: Any, layout: str, preprocessor: Preprocessor | None = None) -> bool:
+    """Whether a 4-D batch is channels-last, after refusing shapes no image batch has, and, with a
+    `preprocessor`, a size whose resize would need gigabytes (its aspect-ratio check): from the shape alone,
+    before anything is allocated, the same for numpy as for torch."""
+    batch_length(batch)
     nhwc = channels_last(tuple(batch.shape), layout)
     n, c = batch.shape[0], batch.shape[3] if nhwc else batch.shape[1]
     h, w = (batch.shape[1], batch.shape[2]) if nhwc else (batch.shape[2], batch.shape[3])
@@ -78,6 +104,8 @@ def checked_layout(batch: Any, layout: str) -> bool:
         raise ImageError("batch", f"images must have 1 or 3 channels, got {c} (composite an alpha channel first)")
     if h < 1 or w < 1:
         raise ImageError("batch", f"images have no pixels ({w}x{h})")
+    if preprocessor is not None:
+        preprocessor.check_size(int(w), int(h), f"batch of shape {tuple(int(d) for d in batch.shape)}")
     return nhwc
 
 
@@ -113,7 +141,7 @@ def host_uint8_batch(images: Any, layout: str = "auto") -> np.ndarray:
     exact mode quantises: what a client sends to a server so that both ends score the same pixels."""
     batch = _as_native(images)
     if is_torch_tensor(batch):
-        batch = batch.detach().cpu()
+        batch = batch.cpu()
         batch = (batch.float() if batch.is_floating_point() else batch).numpy()
     return quantised_nhwc(batch, checked_layout(batch, layout))
 
@@ -132,11 +160,10 @@ class TensorPreparer:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         batch = _as_native(images)
-        nhwc, n = checked_layout(batch, layout), batch.shape[0]
+        nhwc, n = checked_layout(batch, layout, self._pil), batch.shape[0]
         if is_torch_tensor(batch):
             import torch
 
-            batch = batch.detach()
             integer = batch.dtype == torch.uint8
             if not integer and not batch.is_floating_point():
                 raise ImageError("batch", f"images must be uint8 or float in [0, 1], got dtype {batch.dtype}")

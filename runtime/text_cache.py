@@ -4,8 +4,10 @@ Keys are the prompt's token ids through its first <|endoftext|> (all the causal 
 namespaced by the artifacts' fingerprint and precision, so re-exported or re-quantised towers never get
 old vectors.
 
-A cache file is never lost silently. Only a file that is not an SQLite database, or one SQLite reports
-as corrupt when it is opened, is moved aside (with a `CacheCorruptWarning`) and rebuilt. A healthy file
+A cache file is never lost silently, and no other file is ever touched. Only a file this cache made (its
+header carries our application id) that is no longer a readable SQLite database, or that SQLite reports
+as corrupt when it is opened, is moved aside (with a `CacheCorruptWarning`) and rebuilt; any other file
+that is not a text cache is left exactly as it is (the CLI refuses it outright). A healthy file
 that cannot be used as asked (read-only, locked by another process for longer than the busy timeout,
 a full disk, another application's database, a directory) is left exactly as it is: the run goes on
 with what can still be done (reads only, or the in-memory LRU alone) and says so once with a
@@ -68,6 +70,44 @@ def _looks_like_sqlite(path: Path) -> bool:
     return head in (b"", SQLITE_MAGIC)
 
 
+def _made_by_us(path: Path) -> bool:
+    """The file's SQLite header carries our application id (bytes 68-71), even if the rest is damaged."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(72)
+    except OSError:
+        return False
+    return len(head) == 72 and int.from_bytes(head[68:72], "big") == APPLICATION_ID
+
+
+def check_cache_file(path: str | Path) -> None:
+    """InputError unless `path` is absent, empty, or a text cache (possibly a corrupt one of ours): what a
+    caller should refuse before the cache opens it, since SQLite would write into any other file."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--text-cache {path} is a directory; give a file name")
+    if not path.exists() or _made_by_us(path):
+        return
+    if not path.is_file():
+        raise InputError(f"--text-cache {path} is not a regular file")
+    if path.stat().st_size == 0:
+        return
+    if not _looks_like_sqlite(path):
+        raise InputError(f"--text-cache {path} is an existing file that is not a text cache (not an SQLite "
+                         "database); it was left untouched: give the cache its own file")
+    try:
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro", uri=True, timeout=5)
+        try:
+            state = _schema_state(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return  # locked or unreadable right now: the store decides what it can do, and never moves it
+    if state == "foreign":
+        raise InputError(f"--text-cache {path} is another application's SQLite database, not a text cache; it was "
+                         "left untouched: give the cache its own file")
+
+
 def _schema_state(conn: sqlite3.Connection) -> str:
     """'ours', 'empty' (a new database) or 'foreign' (another application's tables)."""
     app_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -101,7 +141,9 @@ class SqliteVectorStore:
         if self.path.is_dir():
             return self._give_up("is a directory, not a cache file")
         if not _looks_like_sqlite(self.path):
-            return self._move_aside("it is not an SQLite database")
+            if not _made_by_us(self.path):
+                return self._give_up("is not an SQLite database, so not a text cache; it was left untouched")
+            return self._move_aside("it is no longer an SQLite database")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = self._connect_read_write()
@@ -109,6 +151,8 @@ class SqliteVectorStore:
             return self._give_up(f"cannot be created ({e.strerror or e})")
         except sqlite3.Error as e:
             if _code(e) in (CORRUPT, NOTADB):
+                if not _made_by_us(self.path):
+                    return self._give_up(f"cannot be opened (SQLite reports: {e}) and is not a text cache; it was left untouched")
                 return self._move_aside(f"SQLite reports: {e}")
             if _code(e) in (BUSY, LOCKED):
                 return self._give_up(f"is locked by another process for more than {self.busy_timeout_s:g} s")

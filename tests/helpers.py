@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -162,3 +163,18 @@ def token_id(artifacts_dir: str | os.PathLike, word: str) -> int:
     ids = ClipTokenizer(root / tok["path"], tok["max_length"], tok["pad_token"])([word]).input_ids[0]
     assert len(ids) == 3, f"{word!r} is not one token: {ids}"  # <|startoftext|> word <|endoftext|>
     return int(ids[1])
+
+
+@contextlib.contextmanager
+def local_ray_cluster(num_cpus: int, object_store_mb: int, prefix: str) -> Iterator[str]:
+    """A local Ray cluster owned by the test process, for the module's tests; yields its GCS address."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False, _temp_dir=temp,
+             log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

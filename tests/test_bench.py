@@ -141,10 +141,11 @@ def test_time_calls_records_a_failing_fn_and_times_the_others():
 
 
 def batch_one_artifacts(src: Path, dst: Path) -> Path:
-    """A copy of `src` whose fp32 vision graph declares its batch dimension as 1 (the manifest updated to
-    match): ONNX Runtime itself then refuses any other batch, as it would a model exported with a fixed
-    batch. Nothing in the runtime is mocked."""
+    """A copy of `src` whose fp32 vision graph ends in a Reshape to one row (the manifest updated to match):
+    its inputs and outputs are still the tower's, so it loads, and ONNX Runtime itself then fails any batch
+    but 1 inside the graph. Nothing in the runtime is mocked."""
     import onnx
+    from onnx import helper, numpy_helper
 
     from pickscore_runtime.artifacts import MANIFEST, Artifacts, file_entry, write_manifest
 
@@ -152,9 +153,12 @@ def batch_one_artifacts(src: Path, dst: Path) -> Path:
     artifacts = Artifacts.load(dst, hash_check="size")
     vision = artifacts.tower_file("vision", "fp32")
     model = onnx.load(str(vision))
-    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-    dim.Clear()
-    dim.dim_value = 1
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [name + "_any_batch" if name == out else name for name in node.output]
+    one_row = numpy_helper.from_array(np.array([1, artifacts.embed_dim], np.int64), "one_row")
+    model.graph.initializer.append(one_row)
+    model.graph.node.append(helper.make_node("Reshape", [out + "_any_batch", "one_row"], [out]))
     onnx.save(model, str(vision))
     manifest = json.loads((dst / MANIFEST).read_text())
     variant = manifest["towers"]["vision"]["precisions"]["fp32"]
@@ -182,7 +186,7 @@ def test_a_failing_cell_is_an_error_row_and_the_rest_are_measured(batch_one, tmp
     assert all(r["error"] is None and r["items_per_s"] > 0 for r in measured)  # timed beside the failing cell
     failed = cells[("fp32", "vision", 2)]
     assert failed["items_per_s"] is None and failed["p50_ms"] is None and failed["device"] == "cpu"
-    assert "INVALID_ARGUMENT" in failed["error"] and "Expected: 1" in failed["error"]  # ONNX Runtime's own refusal
+    assert "cannot be reshaped" in failed["error"] and "{2,64}" in failed["error"]  # ONNX Runtime's own failure
     unopened = [r for r in result["rows"] if r["precision"] == "bf16"]  # the registry refuses it at open
     assert all(r["items_per_s"] is None and "not bf16" in r["error"] for r in unopened)
     assert result["complete"] is True and result["command"] == "pickscore bench --batch-sizes 1,2"

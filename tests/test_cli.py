@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -115,27 +116,31 @@ def test_version_info_and_help(tiny_artifacts):
 
 def test_warnings_reach_the_user_and_quiet_hides_them(tiny_artifacts, sample_images, tmp_path):
     cache = tmp_path / "c.sqlite"
-    cache.write_bytes(b"not a database at all" * 64)
+    damaged = b"\0" * 68 + b"PSC1" + b"not a database any more" * 64  # our cache's header id, the rest broken
+    cache.write_bytes(damaged)
     args = ("score", "--artifacts", str(tiny_artifacts), "--hash-check", "size", "--text-cache", str(cache),
             "--prompt", "a cat", str(sample_images[0]))
     loud = run_cli(*args)
     assert loud.returncode == 0 and "warning: text cache" in loud.stderr and "moved to" in loud.stderr
-    cache.write_bytes(b"not a database at all" * 64)
+    cache.write_bytes(damaged)
     for quiet in (run_cli("-q", *args), run_cli(*args, "-q")):  # before or after the subcommand
         assert quiet.returncode == 0 and "warning" not in quiet.stderr
-        cache.write_bytes(b"not a database at all" * 64)
+        cache.write_bytes(damaged)
 
 
-def test_internal_errors_exit_3_with_a_short_message(tiny_artifacts, tmp_path):
-    broken = shutil.copytree(tiny_artifacts, tmp_path / "broken")
-    (broken / "tokenizer.json").write_text("{}")  # valid JSON, not a tokenizer: nothing anticipates this
-    manifest = json.loads((broken / "manifest.json").read_text())
-    manifest["tokenizer"]["size"] = (broken / "tokenizer.json").stat().st_size
-    (broken / "manifest.json").write_text(json.dumps(manifest))
-    args = ("score", "--artifacts", str(broken), "--hash-check", "size", "--prompt", "a cat", "x.png")
-    out = run_cli(*args)
-    assert out.returncode == 3 and "internal error" in out.stderr and "Traceback" not in out.stderr
-    verbose = run_cli("-v", *args)
+def test_internal_errors_exit_3_with_a_short_message(tiny_artifacts, sample_images, tmp_path):
+    # A bug nobody anticipated, planted in the real CLI process at start-up (every artifact fault is an
+    # anticipated exit 2 now: test_artifact_faults.py)
+    (tmp_path / "sitecustomize.py").write_text(
+        "import pickscore_runtime.cli.score as score\n"
+        "def work_rows(args):\n    raise RuntimeError('a bug nobody anticipated')\n"
+        "score.work_rows = work_rows\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    args = ("score", "--artifacts", str(tiny_artifacts), "--hash-check", "size", "--prompt", "a cat", str(sample_images[0]))
+    out = run_cli(*args, env=env)
+    assert out.returncode == 3 and "internal error" in out.stderr and "a bug nobody anticipated" in out.stderr
+    assert "Traceback" not in out.stderr
+    verbose = run_cli("-v", *args, env=env)
     assert verbose.returncode == 3 and "Traceback" in verbose.stderr
 
 
@@ -224,3 +229,15 @@ def test_a_file_given_as_artifacts_and_a_folder_without_images(tiny_artifacts, s
     out = run_cli("score", "--artifacts", str(tiny_artifacts), "--hash-check", "size", "--prompt", "x", str(tmp_path),
                   str(tmp_path / "notes.txt"))  # named outright: a row of its own, with its reason
     assert out.returncode == 1 and "ERROR lines above" in out.stderr and "notes.txt  ERROR" in out.stdout, out
+
+
+def test_devices_and_urls_are_named_for_what_they_are(tiny_artifacts, sample_images):
+    url = "https://example.com/cat.png?size=large"
+    out = run_cli("score", "--artifacts", str(tiny_artifacts), "--hash-check", "size", "--prompt", "a cat", "--json",
+                  "/dev/zero", url, str(sample_images[0]))
+    assert out.returncode == 1, out.stderr
+    doc = json.loads(out.stdout)
+    errors = {r["image"]: r.get("error") for r in doc["results"]}
+    assert "not a regular file (character device)" in errors["/dev/zero"]
+    assert "URLs are not fetched; download the image first" in errors[url]
+    assert errors[str(sample_images[0])] is None

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from helpers import run_cli
+from helpers import local_ray_cluster, run_cli
 from pickscore_export.samples import synthetic_image
 
 pytestmark = pytest.mark.integration
@@ -41,13 +40,8 @@ LONG_PROMPT = "a very detailed painting of " + " and ".join(f"a small red object
 def cluster():
     """A local cluster owned by this test process; the CLI runs below join it as drivers of their own (a
     driver started by ray.init exports RAY_AUTH_MODE for its children when the cluster uses token auth)."""
-    temp = tempfile.mkdtemp(prefix="psray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=4, object_store_memory=300 * 2**20, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+    with local_ray_cluster(num_cpus=4, object_store_mb=300, prefix="psray") as address:
+        yield address
 
 
 def ray_args(artifacts: Path, address: str, source, out: Path, *extra: str) -> list[str]:

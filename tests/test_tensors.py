@@ -186,3 +186,70 @@ def test_exact_mode_on_the_gpu_equals_the_cpu(tiny_scorer):
     gpu = tiny_scorer.tensors(torch.from_numpy(u8).cuda(), "exact")
     assert gpu.is_cuda
     np.testing.assert_allclose(gpu.cpu().numpy(), tiny_scorer.tensors(u8, "exact"), atol=1e-5)
+
+
+# ---- odd tensors (issue 23): each a clear error naming the batch, or the right scores ------------------------
+def through_both(scorer, images):
+    """Scores of `images` through PickScorer.score_tensors and through the reward function (same prompts)."""
+    prompts = ["a cat"] * int(images.shape[0])
+    direct = scorer.score_tensors(prompts, images)
+    rewards, info = PickScoreReward(scorer)(images, prompts)
+    assert info["errors"] == [None] * len(prompts)
+    return direct, rewards
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: torch.empty(2, 3, 64, 64, device="meta"), "tensor on device 'meta' has no data"),
+    (lambda: torch.rand(2, 3, 64, 64).to_sparse(), "a sparse_coo tensor has no dense pixels"),
+    (lambda: torch.rand(2, 3, 0, 64), "images have no pixels (64x0)"),
+    (lambda: torch.rand(0, 3, 64, 64), "the batch is empty"),
+    (lambda: torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.int32), "uint8 or float in [0, 1], got dtype torch.int32"),
+    (lambda: torch.rand(2, 3, 8, 8) > 0.5, "got dtype torch.bool"),
+    (lambda: torch.rand(2, 3, 8, 8, dtype=torch.complex64), "got dtype torch.complex64"),
+    (lambda: torch.rand(2, 3, 8, 8).index_fill_(0, torch.tensor([1]), float("inf")), "#1 (tensor): holds NaN or infinite"),
+    (lambda: torch.rand(1, 2, 3, 8, 8), "expected a 4-D batch"),
+    (lambda: torch.tensor(0.5), "expected a 4-D batch (N, C, H, W or N, H, W, C), got shape ()"),
+    # a resize of 1 x 3000 to a 224 shortest side is 224 x 672000: refused from the shape, before any memory is
+    # asked for (torch once allocated 15 GiB here; numpy was already refused), the same for both
+    (lambda: torch.zeros((1, 3, 1, 3000), dtype=torch.uint8), "batch of shape (1, 3, 1, 3000): aspect ratio of 3000x1"),
+    (lambda: torch.zeros((2, 3000, 1, 3)), "batch of shape (2, 3000, 1, 3): aspect ratio of 1x3000"),
+    (lambda: np.zeros((1, 3, 1, 3000), np.uint8), "batch of shape (1, 3, 1, 3000): aspect ratio of 3000x1"),
+])
+def test_odd_tensors_are_refused_by_name_in_scorer_and_reward(tiny_scorer, make, message):
+    images = make()
+    prompts = ["a cat"] * (int(images.shape[0]) if images.ndim else 1)
+    with pytest.raises(ImageError, match=re.escape(message)):
+        tiny_scorer.score_tensors(prompts, images)
+    with pytest.raises(ImageError, match=re.escape(message)):
+        PickScoreReward(tiny_scorer)(images, prompts)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),  # non-contiguous NCHW view of NHWC memory
+    lambda t: torch.nn.functional.interpolate(t, scale_factor=2, mode="nearest")[:, :, ::2, ::2],  # strided view
+    lambda t: t.double(),
+    lambda t: t.half(),
+    lambda t: t.bfloat16(),
+    lambda t: t.numpy().transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2),  # non-contiguous numpy
+])
+def test_odd_but_valid_tensors_score_like_the_plain_batch(tiny_scorer, make):
+    plain = torch.from_numpy(batch_of((96, 64), n=2)).permute(0, 3, 1, 2).float() / 255
+    want = tiny_scorer.score_tensors("a cat", plain)
+    odd = make(plain)
+    # half / bfloat16 round the pixels, which may move a uint8 level: close, not equal
+    atol = 0.05 if odd.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    for got in through_both(tiny_scorer, odd):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, atol=atol)
+
+
+def test_the_reward_function_takes_generations_that_require_grad(tiny_scorer):
+    """RL generations come out of a graph: a leaf that requires grad and a non-leaf (the decoder's output)
+    both score as their detached values through the reward class and score_tensors, and stay untouched."""
+    latent = torch.rand(2, 3, 80, 80, requires_grad=True)
+    generated = (latent * 0.5 + 0.25).clamp(0, 1)  # a non-leaf, as a decoder's output is
+    for images in (latent, generated):
+        want = tiny_scorer.score_tensors(["a cat", "a cat"], images.detach().clone())
+        for got in through_both(tiny_scorer, images):
+            np.testing.assert_array_equal(got, want)
+    assert latent.grad is None and generated.grad_fn is not None

@@ -105,14 +105,56 @@ def test_changed_artifacts_never_get_old_entries(tiny_artifacts, tmp_path):
 
 def test_corrupt_cache_file_is_moved_aside_with_a_warning(tiny_artifacts, tmp_path):
     path = tmp_path / "text.sqlite"
-    path.write_bytes(b"this is not a database at all" * 100)
+    made = load_quietly(tiny_artifacts, text_cache_file=path)
+    made.embed_text(["a cat"])
+    made.close()
+    damaged = b"not a database\0\0" + path.read_bytes()[16:]  # our cache, its SQLite magic overwritten
+    path.write_bytes(damaged)
     with pytest.warns(CacheCorruptWarning, match="moved to"):
         scorer = load_quietly(tiny_artifacts, text_cache_file=path)
     plain = load_quietly(tiny_artifacts)
     np.testing.assert_allclose(scorer.embed_text(PROMPTS), plain.embed_text(PROMPTS), atol=1e-6)
     (aside,) = tmp_path.glob("text.sqlite.corrupt-*")
-    assert aside.read_bytes() == b"this is not a database at all" * 100  # kept, not deleted
+    assert aside.read_bytes() == damaged  # kept, not deleted
     assert cache_stats(path)["namespaces"][0]["entries"] == 3  # "a cat" and "A  CAT" share a key
+
+
+def test_a_file_that_is_not_a_cache_is_never_moved_or_replaced(tiny_artifacts, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"this is not a database at all" * 100)
+    scorer, messages = _no_cache_warnings_but(CacheWarning, lambda: load_quietly(tiny_artifacts, text_cache_file=path))
+    assert "not a text cache; it was left untouched" in messages[0]
+    assert scorer.embed_text(["a cat"]).shape == (1, scorer.embed_dim)
+    assert path.read_bytes() == b"this is not a database at all" * 100 and not list(tmp_path.glob("*.corrupt-*"))
+
+
+@pytest.mark.integration
+def test_cli_refuses_a_text_cache_that_is_the_input_the_output_or_another_file(tiny_artifacts, sample_images, tmp_path):
+    from helpers import run_cli
+
+    work = tmp_path / "in.jsonl"
+    work.write_text(json.dumps({"prompt": "a cat", "image": str(sample_images[0])}) + "\n")
+    out = tmp_path / "out.jsonl"
+    notes = tmp_path / "notes.db"
+    notes.write_bytes(b"my notes, not SQLite")
+    app = tmp_path / "app.sqlite"
+    conn = sqlite3.connect(app)
+    conn.execute("CREATE TABLE customers (name TEXT)")
+    conn.commit()
+    conn.close()
+    cases = [(work, "is the --input file"), (out, "is the --output file"),
+             (tmp_path / "out.jsonl.parts" / "c.sqlite", "is --output's parts directory"),
+             (notes, "not a text cache (not an SQLite database)"), (app, "another application's SQLite database")]
+    before = {p: p.read_bytes() for p in (work, notes, app)}
+    for cache, message in cases:
+        done = run_cli("score", "--artifacts", str(tiny_artifacts), "--hash-check", "size", "--input", str(work),
+                       "--output", str(out), "--text-cache", str(cache), "-q")
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (cache, done.stderr)
+    assert {p: p.read_bytes() for p in before} == before
+    assert not out.exists() and not list(tmp_path.glob("*.corrupt-*"))
+    fine = run_cli("score", "--artifacts", str(tiny_artifacts), "--hash-check", "size", "--input", str(work),
+                   "--output", str(out), "--text-cache", str(tmp_path / "text.sqlite"))
+    assert fine.returncode == 0, fine.stderr[-2000:]
 
 
 def test_damaged_row_is_a_miss_not_a_wrong_vector(tiny_artifacts, tmp_path):

@@ -89,7 +89,7 @@ def test_parquet_types(tmp_path):
     pq.write_table(pa.table({"id": [10, 11, 12], "group": [1, 1, 2], "prompt": ["a", "b", "c"],
                              "image": ["a.png", None, "c.png"]}), path)
     rows = rows_of(path)
-    assert [r.id for r in rows] == ["10", "11", "12"] and rows[0].group == 1
+    assert [r.id for r in rows] == ["10", "11", "12"] and rows[0].group == "1"  # groups compare as written
     assert rows[1].error == "row 2: no 'image' or 'images' value"
 
 
@@ -190,3 +190,32 @@ def list_as_nobody(listing):
         data = pipe.read()
     os.waitpid(pid, 0)
     return pickle.loads(data)
+
+
+def test_a_repeated_csv_column_is_refused_by_name(tmp_path):
+    path = tmp_path / "w.csv"
+    path.write_text("id,prompt,image,prompt\na,p,1.png,q\n")
+    with pytest.raises(InputError, match="names the column 'prompt' more than once"):
+        rows_of(path)
+
+
+def test_groups_compare_as_written(tmp_path):
+    path = tmp_path / "w.jsonl"
+    records = [{"prompt": "a", "group": 1, "image": "1"}, {"prompt": "a", "group": "1", "image": "2"},
+               {"prompt": "a", "group": 2, "image": "3"}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    items = list(read_work(read_rows(path)))
+    assert [(list(i.images), [r.group for r in i.key]) for i in items] == [(["1", "2"], ["1", "1"]), (["3"], ["2"])]
+
+
+def test_made_up_ids_never_collide_with_literal_ones(tmp_path):
+    path = tmp_path / "w.csv"
+    path.write_text("id,prompt,image\na#row3,p,0.png\na,p,1.png\na,p,2.png\na#row3#row3,p,3.png\n,p,4.png\n5,p,5.png\n")
+    rows = rows_of(path)
+    ids = [r.id for r in rows]
+    assert len(set(ids)) == len(ids)
+    assert ids == ["a#row3", "a", "a#row3#row3", "a#row3#row3#row4", "5", "5#row6"]
+    assert rows[2].error == "line 4: duplicate id 'a' (first at row 2)"
+    assert rows[3].error == "line 5: id 'a#row3#row3' was already given to row 3 (a repeat of id 'a')"
+    assert rows[4].error == "line 6: the id is empty"
+    assert rows[5].error == "line 7: id '5' was already given to row 5 (its id is empty)"

@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..artifacts import Artifacts
 from ..errors import BackendUnavailableError, PickScoreError
-from ..gate_records import gate_status
+from ..gate_records import GateWarning, gate_status
 from ..optional import findable
 from ..precisions import EXACT, NAMES
 from .base import Backend
@@ -157,10 +157,6 @@ def backend_info(name: str) -> BackendInfo:
                                       + f"; choose from auto, {', '.join(BACKENDS)}") from None
 
 
-class GateWarning(UserWarning):
-    """auto passed over a precision that failed its numerics gate on these artifacts, or was never gated."""
-
-
 def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | None, auto: bool = False) -> str:
     """The precision `info` will run: the one asked for (if it can), else its first preference that the
     artifacts carry (backends built from weights run any of theirs). With `auto`, a precision other than
@@ -175,6 +171,7 @@ def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | 
                 f"{artifacts.root} has no {precision} towers (has: {', '.join(have)}); "
                 f"export them with `pickscore export --precision {precision}`")
         return precision
+    refused = []  # the gate's verdicts: the error must say why a precision the artifacts have was passed over
     for p in (info.auto_precisions if auto else info.precisions):
         if p not in have:
             continue
@@ -184,15 +181,19 @@ def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | 
         if status.state == "passed":
             return p
         if status.state == "failed":
+            why = f"{p} failed `pickscore verify` on these artifacts ({'; '.join(status.failures) or 'see gate.json'})"
             warnings.warn(f"auto: not {p} on {info.name}: it failed `pickscore verify` on these artifacts "
                           f"({'; '.join(status.failures) or 'see gate.json'}); ask for it with --precision {p}",
                           GateWarning, stacklevel=3)
         else:
+            why = f"{p} has not passed the numerics gate on these towers"
             warnings.warn(f"auto: not {p} on {info.name}: it has not passed the numerics gate on these towers; to serve "
                           f"it, run `pickscore verify --artifacts {artifacts.root} --precision {p}` once "
                           f"(or ask for it with --precision {p})", GateWarning, stacklevel=3)
+        refused.append(why)
     raise BackendUnavailableError(f"backend {info.name} runs {', '.join(info.auto_precisions if auto else info.precisions)}"
-                                  f"{' (gated)' if auto else ''}, but {artifacts.root} has only {', '.join(have)}")
+                                  f"{' (gated)' if auto else ''}, but {artifacts.root} has only {', '.join(have)}"
+                                  + (f"; {'; '.join(refused)} (ask for it with --precision)" if refused else ""))
 
 
 def runnable_backend(name: str) -> BackendInfo:

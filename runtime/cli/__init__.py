@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ".tar files) -> --output OUT_DIR (Parquet files); --workers: scorer actors (default one per GPU); "
                         "resumable with --resume (needs the [ray] extra)")
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="with --ray: the cluster to join (default: Ray's own choice)")
+    p.add_argument("--ray-all-interfaces", action="store_true",
+                   help="with --ray and no --ray-address: let the local cluster it starts listen on every network "
+                        "interface (default: 127.0.0.1 only)")
     p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                    help="with --ray: GPUs per scorer actor (default 1 where the cluster has GPUs; 0: CPU scorers of --threads cores)")
 
@@ -269,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in flight at most; more get 503 with Retry-After (default 64)")
     p.add_argument("--max-body-mb", type=float, default=64.0, metavar="N", help="request size limit, 413 above it (default 64)")
     p.add_argument("--request-timeout-s", type=float, default=300.0, metavar="S",
-                   help="a request not answered in S seconds gets 504 (default 300)")
+                   help="a request not answered in S seconds once its body has arrived gets 504 (default 300)")
+    p.add_argument("--body-timeout-s", type=float, default=60.0, metavar="S",
+                   help="a request body not in full within S seconds gets 408: slow clients hold no queue place (default 60)")
+    p.add_argument("--max-images", type=positive_int, default=1024, metavar="N",
+                   help="images (and prompts) in one request at most, 413 above it (default 1024)")
     p.add_argument("--api-key-file", type=Path, default=None, metavar="F",
                    help="require `Authorization: Bearer KEY` with a key from this file (one per line)")
     ray = p.add_argument_group("replicas on Ray Serve (needs [serve-ray])")

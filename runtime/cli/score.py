@@ -4,9 +4,11 @@ to resume; a second signal stops at once (committed parts are kept for --resume)
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import signal
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..backends import runnable_backend
@@ -16,7 +18,10 @@ from ..options import ScorerOptions
 from ..pipeline import WorkItem
 from ..results import RANDOM_WEIGHTS_BANNER, PromptResult
 from ..scale.cli import cmd_score_ray
+from ..text_cache import check_cache_file
 from ..work_io import InputRow, PartedOutput, Progress, count_images, expand_images, read_rows, read_work, result_rows
+from ..work_io.outputs import same_file
+from ..work_io.runs import file_identity, record_path, selection_identity
 from ..console import EXIT_OK, EXIT_UNSCORED, say
 
 log = logging.getLogger("pickscore")
@@ -81,7 +86,39 @@ def check_args(args: Any) -> ScorerOptions:
     for flag, path in (("--input", args.input), ("--output", args.output)):
         if path is not None and str(path).lower().endswith(".parquet") and not args.ray:
             require("pyarrow", f"{flag} *.parquet", extra="parquet")
+    if options.text_cache_file is not None:
+        check_text_cache_path(Path(options.text_cache_file), args)
     return options
+
+
+def check_text_cache_path(cache: Path, args: Any) -> None:
+    """--text-cache may name neither the run's own files nor any existing file but a text cache: SQLite
+    would write into it, and a file it cannot read would be moved aside."""
+    ours = []
+    if args.input is not None:
+        ours.append(("the --input file", Path(args.input)))
+    if args.output is not None:
+        out = Path(args.output)
+        ours += [("the --output file", out), ("--output's parts directory", out.with_name(out.name + ".parts")),
+                 ("--output's run record", record_path(out)), ("--output's lock", out.with_name(f".{out.name}.lock"))]
+    target = cache.absolute().resolve()
+    for what, path in ours:
+        if same_file(cache, path) or path.absolute().resolve() in target.parents:
+            raise InputError(f"--text-cache {cache} is {what}: the cache would overwrite it; give the cache its own file")
+    check_cache_file(cache)
+
+
+def run_identity(args: Any, scorer: Any, options: ScorerOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(input, model): what --resume must find unchanged. The model part is what scores depend on: the
+    artifacts, the backend and precision actually running (not 'auto'), and the decoding options; it has
+    the shape the Ray job records (JobOptions.identity)."""
+    if args.input is not None:
+        source = file_identity(args.input)
+    else:
+        source = selection_identity(args.prompt, expand_images(args.images).images)
+    model = {"artifacts": scorer.artifacts.fingerprint, **options.identity(),
+             "backend": scorer.backend.name, "precision": scorer.backend.precision}
+    return source, model
 
 
 def work_rows(args: Any) -> tuple[Iterator[InputRow], int | None]:
@@ -89,7 +126,7 @@ def work_rows(args: Any) -> tuple[Iterator[InputRow], int | None]:
     if args.input is not None:
         rows = read_rows(args.input)
         first = next(rows, None)  # reading the header now reports a file that is unusable as a whole
-        return (iter([first, *rows]) if first is not None else iter(()), count_images(args.input))
+        return (itertools.chain([first], rows) if first is not None else iter(()), count_images(args.input))
     selection = expand_images(args.images)
     rows = [InputRow(i, str(i), prompt=args.prompt, images=[image]) for i, image in enumerate(selection.images, 1)]
     n = len(rows)
@@ -102,7 +139,7 @@ def cmd_score(args: Any) -> int:
     from ..scorer import DEFAULT_MODEL, PickScorer
 
     options = check_args(args)
-    if args.ray or args.ray_address is not None or args.gpus_per_worker is not None:  # scale-out: imports ray only then
+    if args.ray or args.ray_address is not None or args.gpus_per_worker is not None or args.ray_all_interfaces:  # scale-out: imports ray only then
         return cmd_score_ray(args, options)
     if args.artifacts is None and options.backend != "auto":
         runnable_backend(options.backend)  # before the first use's export, not after
@@ -121,6 +158,8 @@ def cmd_score(args: Any) -> int:
             scorer = PickScorer.from_pretrained(args.model or DEFAULT_MODEL, revision=args.revision,
                                                 random_init=args.random_init, seed=args.seed, stress=args.stress,
                                                 verify=not args.no_verify, progress=say, options=options)
+        if output is not None:
+            output.begin(*run_identity(args, scorer, options), rows=lambda: work_rows(args)[0])
         if scorer.random_weights:
             say(f"WARNING: {RANDOM_WEIGHTS_BANNER}")
         if args.backend == "auto" or args.precision is None:

@@ -15,13 +15,21 @@ from ..optional import require
 from ..options import ScorerOptions
 
 RAY_ONLY = (("ray_address", "--ray-address"), ("gpus_per_worker", "--gpus-per-worker"))
+# Ray's own switch between a cluster of machines and one machine: off, a cluster started here takes the
+# loopback address as its node address, so GCS, raylet, object manager and workers listen on 127.0.0.1
+# only (on, they listen on every interface, and a Ray cluster runs whatever code reaches it).
+RAY_MULTI_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def check_ray_args(args: Any) -> None:
     """Flag combinations, before a cluster or a model is touched."""
+    everywhere = getattr(args, "ray_all_interfaces", False)
     if not args.ray:
         given = [flag for name, flag in RAY_ONLY if getattr(args, name, None) is not None]
-        raise InputError(f"{', '.join(given)} go(es) with --ray")
+        raise InputError(f"{', '.join(given + ['--ray-all-interfaces'] * everywhere)} go(es) with --ray")
+    if everywhere and args.ray_address is not None:
+        raise InputError("--ray-all-interfaces is for the local cluster --ray starts; with --ray-address the cluster "
+                         "is already running")
     if args.input is None or args.output is None:
         raise InputError("--ray needs --input SRC (a file or a directory of them) and --output OUT_DIR")
     if args.images:
@@ -41,6 +49,9 @@ def cmd_score_ray(args: Any, scorer: ScorerOptions) -> int:
     """Score --input into the --output directory on Ray with the scorer's options; exit codes as
     `pickscore score`'s."""
     check_ray_args(args)  # flag mistakes are reported as such, with or without the [ray] extra
+    local = args.ray_address is None and not os.environ.get("RAY_ADDRESS") and not args.ray_all_interfaces
+    if local:  # ray.init() starts a cluster of its own (with RAY_ADDRESS set, it joins that one)
+        loopback_only()
     ray = require("ray", "scoring on Ray (--ray)")
     from ..artifacts import Artifacts
     from ..results import RANDOM_WEIGHTS_BANNER
@@ -61,6 +72,8 @@ def cmd_score_ray(args: Any, scorer: ScorerOptions) -> int:
             _quiet_ray(args.verbose)
             ray.init(address=args.ray_address, log_to_driver=args.verbose, logging_level=logging.WARNING,
                      **({} if args.ray_address else {"include_dashboard": False}))
+            if local:
+                check_loopback(ray)
         saved = signal.signal(signal.SIGTERM, stop)
         try:
             tally = job.run(progress=say)
@@ -76,6 +89,21 @@ def cmd_score_ray(args: Any, scorer: ScorerOptions) -> int:
                 ray.shutdown()
     say(tally.summary())
     return EXIT_UNSCORED if tally.errors else EXIT_OK
+
+
+def loopback_only() -> None:
+    """Have the local cluster that ray.init() starts listen on 127.0.0.1 only. Ray reads the switch when it is
+    imported, so this comes first; a process that imported ray already gets check_loopback's refusal."""
+    os.environ[RAY_MULTI_NODE_ENV] = "0"
+
+
+def check_loopback(ray: Any) -> None:
+    """Refuse to run on a local cluster that listens beyond this machine without being asked to."""
+    host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0].strip("[]")
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        ray.shutdown()
+        raise InputError(f"the local Ray cluster started at {host}, not on 127.0.0.1 (ray was imported before "
+                         f"{RAY_MULTI_NODE_ENV}=0 could be set); pass --ray-all-interfaces to allow that")
 
 
 def _user_error(error: BaseException) -> PickScoreError | None:

@@ -115,9 +115,16 @@ def rank(scored: Any, *, rows_per_file: dict[int, int] | None = None, find_repea
 
         numbered = scored.map_batches(mark_rows, batch_format="pyarrow", fn_kwargs={"offsets": offsets, "first_row_of": {}})
         ids = numbered.map_batches(_first_rows, batch_format="pyarrow").groupby("id", num_partitions=partitions)
-        first_row_of = {r["id"]: r["min(row)"] for r in ids.aggregate(Count(), Min("row")).take_all() if r["count()"] > 1}
+        # Only the repeated ids come back to the driver (not one record per row of the input).
+        repeated = ids.aggregate(Count(), Min("row")).map_batches(_repeated_ids, batch_format="pyarrow")
+        first_row_of = {r["id"]: r["min(row)"] for r in repeated.take_all()}
     marked = scored.map_batches(mark_rows, batch_format="pyarrow", fn_kwargs={"offsets": offsets, "first_row_of": first_row_of})
     return marked.groupby(COMPARISON, num_partitions=partitions).map_groups(rank_comparison, batch_format="pyarrow")
+
+
+def _repeated_ids(batch: Any) -> Any:
+    pc = require("pyarrow.compute", "scoring on Ray (--ray)")
+    return batch.filter(pc.greater(batch.column("count()"), 1))
 
 
 def _rows_per_file(batch: Any) -> Any:

@@ -36,6 +36,8 @@ from .sources import FILE, KEY, LOCAL_ROW, InputFiles, find_input
 
 RUN_FILE, WORK_DIR, LOCK_FILE, COMPLETE = "_pickscore_run.json", "_work", ".pickscore.lock", "_COMPLETE.json"
 RUN_FORMAT = "pickscore-ray-run/1"
+# Tests name a point here to have the driver die there, as a SIGKILL would (no cleanup, no finally).
+EXIT_AT_ENV = "PICKSCORE_RAY_EXIT_AT"
 WRITE_ARGS = {"num_cpus": 0.25}  # writing Parquet is I/O: the CPUs are the decoding stage's
 
 
@@ -165,13 +167,22 @@ class ScaleJob:
         with _job_context():
             if record["state"] == "scoring":
                 done = _committed_images(out.checkpoint)
-                if done:
-                    progress(f"resuming: {done} item(s) were scored by the earlier run; scoring the rest")
-                _score_pass(self.found, out, self.options)
+                # An earlier driver may have died after its last image was committed but before it recorded
+                # the rank pass: Ray Data, given a checkpoint that filters out every row, never finishes, so a
+                # pass with nothing left to score is not started at all.
+                if done and done >= _input_images(self.found):
+                    progress(f"resuming: all {done} item(s) were scored by the earlier run")
+                    _drop_pending(out)
+                else:
+                    if done:
+                        progress(f"resuming: {done} item(s) were scored by the earlier run; scoring the rest")
+                    _score_pass(self.found, out, self.options)
+                exit_at("scored")
                 out.save({**record, "state": "ranking"})
             tally = _rank_pass(self.found, out, self.options, progress)
         out.save({**out.record, "state": "done", "tally": tally.__dict__,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        exit_at("finished")
         out.root.fs.delete_dir(out.work.path)
         return tally
 
@@ -252,12 +263,15 @@ def _rank_pass(found: InputFiles, out: OutputDirectory, options: JobOptions, pro
         files = _parquet_files(out.ranked)
         tally = _tally(out.root.fs, files)
         files = [posixpath.basename(p) for p in files]
+        exit_at("ranked")
         complete.write_bytes(json.dumps({"files": files, "tally": tally.__dict__}).encode())
     listed = json.loads(complete.read_bytes())
-    for name in listed["files"]:  # each move is a rename; a rerun after a crash moves what is left
+    for moved, name in enumerate(listed["files"]):  # each move is a rename; a rerun after a crash moves what is left
         staged = out.ranked.child(name)
         if staged.exists():
             out.root.fs.move(staged.path, out.root.child(name).path)
+        if moved == 0:
+            exit_at("moving")
     return Tally(**listed["tally"])
 
 
@@ -274,6 +288,35 @@ def _committed_images(checkpoint: Location) -> int:
             with checkpoint.fs.open_input_file(path) as handle:
                 total += pq.ParquetFile(handle).metadata.num_rows
     return total
+
+
+def _input_images(found: InputFiles) -> int:
+    """How many images (work rows) SRC holds: a read of the input alone, no decoding and no model."""
+    from .dataset import read_input
+
+    counts = read_input(found).select_columns([KEY]).map_batches(_count_rows, batch_format="pyarrow", batch_size=None)
+    return int(counts.sum("n") or 0)
+
+
+def _count_rows(batch: Any) -> Any:
+    pa = require("pyarrow", "scoring on Ray (--ray)")
+    return pa.table({"n": [batch.num_rows]})
+
+
+def _drop_pending(out: OutputDirectory) -> None:
+    """What Ray Data does at the start of a pass, for a pass that is not started: each pending checkpoint's
+    data files (named from the checkpoint's id) are deleted, then the pending checkpoint."""
+    util = require("ray.data.checkpoint.util", "scoring on Ray (--ray)")
+    suffix = ".pending.parquet"
+    pending = [f for f in out.checkpoint.listing() if f.path.endswith(suffix)]
+    if not pending:
+        return
+    prefixes = util.build_pending_checkpoint_trie(pending, suffix)
+    for path in _parquet_files(out.scored):
+        if prefixes.has_prefix_of(posixpath.basename(path)):
+            out.root.fs.delete_file(path)
+    for f in pending:
+        out.root.fs.delete_file(f.path)
 
 
 def _rows_per_file(fs: Any, files: list[str]) -> dict[int, int]:
@@ -322,3 +365,9 @@ def _tally(fs: Any, files: list[str]) -> Tally:
         scored += meta.num_rows - nulls[0]
         errors += meta.num_rows - nulls[1]
     return Tally(rows, scored, errors)
+
+
+def exit_at(point: str) -> None:
+    """Die here, at once and without cleanup, when the environment names this point (see EXIT_AT_ENV)."""
+    if os.environ.get(EXIT_AT_ENV) == point:
+        os._exit(137)

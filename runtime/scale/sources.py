@@ -68,7 +68,27 @@ def comparison_key(group: Any, prompt: Any) -> str:
 
 
 def as_text(value: Any) -> str | None:
-    return None if value is None else value if isinstance(value, str) else str(value)
+    """A value as Parquet can hold it: text, with any lone surrogate (which JSON's "\\udXXX" escapes can
+    produce, and which UTF-8 cannot encode) written as its escape."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def unicode_problem(row: InputRow) -> str | None:
+    """Why a row's id, group or image names cannot be kept as they are (the prompt is the tokenizer's check):
+    a lone surrogate. Such a row is an error row, its text kept escaped (as_text)."""
+    for what, values in (("id", [row.id]), ("group", [row.group]), ("image name", row.images)):
+        for value in values:
+            if isinstance(value, str) and as_text(value) != value:
+                at = next(k for k, c in enumerate(value) if "\ud800" <= c <= "\udfff")
+                return f"{row.where}: the {what} is not valid Unicode: {value[at]!r} at character {at} is a lone surrogate"
+    return None
 
 
 @dataclass(frozen=True)
@@ -243,6 +263,8 @@ def _sample_values(key: str, sample: dict[str, bytes]) -> tuple[dict[str, Any], 
         return values, f"{key}: not UTF-8 ({e.reason} at byte {e.start})", None
     except json.JSONDecodeError as e:
         return values, f"{key}.json: not valid JSON ({e.msg} at column {e.colno})", None
+    except (ValueError, RecursionError) as e:  # an integer over 4300 digits; nesting too deep
+        return values, f"{key}.json: not valid JSON here ({type(e).__name__}: {e})", None
     if not isinstance(meta, dict):
         return values, f"{key}.json: expected a JSON object, got {type(meta).__name__}", None
     caption = next((k for k in WEBDATASET_PROMPT_FIELDS if k in meta), None)
@@ -279,7 +301,7 @@ class WorkBlock:
     def add(self, file: int, local_row: int, row: InputRow, data: list | None, extras: dict | None, prefix: str) -> None:
         if local_row > MAX_ROWS_PER_FILE:
             raise InputError(f"{prefix or 'the input'} has more than {MAX_ROWS_PER_FILE} rows; split it into several files")
-        error = row.error
+        error = row.error or unicode_problem(row)
         if error is None and len(row.images) > MAX_IMAGES_PER_ROW:
             error = f"{row.where}: more than {MAX_IMAGES_PER_ROW} images in one row; split the row"
         images = row.images if error is None else [None]
@@ -287,11 +309,11 @@ class WorkBlock:
             value = data[j] if data and error is None else None
             self.nbytes += len(value) if value else 0
             for name, item in ((KEY, row_key(file, local_row, j)), (FILE, file), (LOCAL_ROW, local_row),
-                               (IMAGE_INDEX, j), (LINE, row.line), ("id", row.id), ("prompt", as_text(row.prompt)),
+                               (IMAGE_INDEX, j), (LINE, row.line), ("id", as_text(row.id)), ("prompt", as_text(row.prompt)),
                                ("group", as_text(row.group)),
                                (COMPARISON, None if error else comparison_key(row.group, row.prompt)),
-                               ("image", image), (IMAGE_BYTES, value),
-                               ("error", None if error is None else prefix + error)):
+                               ("image", as_text(image)), (IMAGE_BYTES, value),
+                               ("error", None if error is None else as_text(prefix + error))):
                 self.columns[name].append(item)
             for f in self.extra_fields:
                 self.columns[f.name].append(extras[f.name])

@@ -174,6 +174,10 @@ def rank_comparison(group: Any) -> Any:
     numbers is a bad row or another prompt between them), ranked by `ranked_rows` (the scores already carry the
     logit scale), written by `result_rows`."""
     records = sorted(group.to_pylist(), key=lambda r: (r["row"], r[IMAGE_INDEX]))  # groups are small: no Arrow sort
+    # Every copy of an image lands in this group (its key is its row's), so a copy that a retried write left
+    # in the scored files is dropped here: the output holds each image once, whatever the scoring pass left.
+    records = [r for k, r in enumerate(records)
+               if k == 0 or (r["row"], r[IMAGE_INDEX]) != (records[k - 1]["row"], records[k - 1][IMAGE_INDEX])]
     schema = output_schema(group.schema)
     extras = schema.names[len(OUTPUT_COLUMNS):]
     first = records[0]

@@ -1,13 +1,17 @@
 """The ASGI application: the same app under uvicorn (`pickscore serve`) and as a Ray Serve replica.
 
-Every scoring endpoint goes the same way: auth -> a place in the bounded queue (503 + Retry-After when
-full) -> the body, read up to the size limit (413) -> parsed in a worker thread (400 naming the
-problem) -> the micro-batcher (504 after the request timeout) -> rendered in a worker thread. JSON,
-pickle and image decoding never run on the event loop.
+Every scoring endpoint goes the same way: auth -> 503 at once if the queue is full -> the body, read up
+to the size limit (413) within the body timeout (408) -> a place in the bounded queue (503 + Retry-After
+when full) -> parsed in a worker thread (400 naming the problem, 413 over --max-images) -> the
+micro-batcher (504 after the request timeout) -> rendered in a worker thread. A place in the queue is
+taken only once the whole body is here, so clients that send slowly cannot hold the queue. JSON, pickle,
+tokenising and image decoding never run on the event loop. Every refusal, the framework's own (unknown
+route, wrong method) included, has the documented shape `{"error": {"message", "type", "code"}}`.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (fastapi.Request,
 # imported lazily inside build_app) as objects.
+import asyncio
 import contextlib
 import logging
 import time
@@ -16,15 +20,16 @@ from typing import Any
 from .. import __version__
 from ..optional import require
 from .auth import authorized
-from .http_errors import BadRequest, PayloadTooLarge, RequestRefused, Unauthorized
+from .http_errors import BadRequest, PayloadTooLarge, RequestRefused, RequestTimeout, ShuttingDown, Unauthorized, refusal_for
 from .protocols import PROTOCOLS, Protocol
 from .service import PickScoreService
 
 log = logging.getLogger("pickscore")
 
 
-async def read_body(request: Any, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to be over `limit` bytes."""
+async def read_body(request: Any, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it is known to be over `limit` bytes, and with 408
+    when it has not arrived in full within `timeout_s` (a stalled or dripping client)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -33,13 +38,20 @@ async def read_body(request: Any, limit: int) -> bytes:
             raise BadRequest(f"bad Content-Length {declared!r}") from None
         if size > limit:
             raise PayloadTooLarge(f"request body of {size} bytes is over the {limit} byte limit (--max-body-mb)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the {limit} byte limit (--max-body-mb)")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def receive() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the {limit} byte limit (--max-body-mb)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(receive(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive in full within {timeout_s:g} s (--body-timeout-s)") from None
 
 
 def build_app(service: PickScoreService, *, load_on_startup: bool = False) -> Any:
@@ -47,6 +59,8 @@ def build_app(service: PickScoreService, *, load_on_startup: bool = False) -> An
     (/readyz tells when it is done), or, with load_on_startup, before the app takes requests (Ray Serve:
     a replica is routed to only once its startup has finished)."""
     fastapi = require("fastapi", "pickscore serve", extra="server")
+    exceptions = require("starlette.exceptions", "pickscore serve", extra="server")
+    validation = require("fastapi.exceptions", "pickscore serve", extra="server")
     responses = require("fastapi.responses", "pickscore serve", extra="server")
     concurrency = require("starlette.concurrency", "pickscore serve", extra="server")
     Request, Response, JSONResponse = fastapi.Request, responses.Response, responses.JSONResponse
@@ -81,14 +95,22 @@ def build_app(service: PickScoreService, *, load_on_startup: bool = False) -> An
             started = time.perf_counter()
             try:
                 check_auth(request)
-                with service.admitted():
-                    body = await read_body(request, config.max_body_bytes)
-                    parsed = await in_thread(protocol.parse, body)
+                service.check_open()
+                body = await read_body(request, config.max_body_bytes, config.body_timeout_s)
+                # arrived before a drain began: still answered, as a request in flight is
+                with service.admitted(arrived_ready=True):
+                    parsed = await in_thread(protocol.parse, body, config.max_images)
                     job = await service.embed(parsed.prompts, parsed.images, parsed.image_index)
                     content = await in_thread(protocol.render, parsed, job, service.context)
                 response = Response(content, media_type=protocol.media_type)
             except RequestRefused as e:
                 response = refused(e)
+            except asyncio.CancelledError:
+                # uvicorn cancels what is still running at the drain deadline: answer it in our shape, and count
+                # it, so that the shutdown line does not claim every request was answered in full
+                service.cut_short += 1
+                response = refused(ShuttingDown("the server shut down before this request was answered "
+                                                f"(drain deadline {config.drain_timeout_s:g} s); send it again"))
             except Exception as e:  # noqa: BLE001 - an accepted request is always answered
                 log.exception("internal error in %s", protocol.path)
                 response = refused(RequestRefused(f"internal error: {type(e).__name__}: {e}"))
@@ -98,6 +120,24 @@ def build_app(service: PickScoreService, *, load_on_startup: bool = False) -> An
 
         handle.__name__ = protocol.name
         return handle
+
+    async def framework_refusal(request: Request, exc: Any) -> Response:
+        """404, 405 and the like from routing, in our error shape."""
+        path, method = request.url.path, request.method
+        message = {404: f"no such endpoint: {method} {path} (the endpoints are in docs/server.md)",
+                   405: f"{path} does not take {method} (use {(exc.headers or {}).get('Allow', 'another method')})"}
+        return refused(refusal_for(exc.status_code, message.get(exc.status_code, f"{path}: {exc.detail}"), exc.headers))
+
+    async def invalid(request: Request, exc: Any) -> Response:
+        return refused(BadRequest(f"{request.url.path}: {exc.errors()}"))
+
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.error("internal error in %s: %s: %s", request.url.path, type(exc).__name__, exc)
+        return refused(RequestRefused(f"internal error: {type(exc).__name__}: {exc}"))
+
+    app.add_exception_handler(exceptions.HTTPException, framework_refusal)
+    app.add_exception_handler(validation.RequestValidationError, invalid)
+    app.add_exception_handler(Exception, internal)
 
     for protocol in PROTOCOLS.values():
         app.add_api_route(protocol.path, endpoint(protocol), methods=["POST"], name=protocol.name,

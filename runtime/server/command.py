@@ -19,7 +19,7 @@ from ..optional import require
 from ..options import ScorerOptions
 from ..results import RANDOM_WEIGHTS_BANNER
 from .auth import load_key_digests
-from .config import ServerConfig
+from .config import ServerConfig, base_url
 
 SERVER_MODULES = ("fastapi", "uvicorn", "prometheus_client")
 
@@ -30,6 +30,7 @@ def config_from_args(args: Any) -> ServerConfig:
     return ServerConfig(
         artifacts=str(args.artifacts), scorer=ScorerOptions.from_args(args), max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout_s,
+        body_timeout_s=args.body_timeout_s, max_images=args.max_images,
         api_key_digests=load_key_digests(args.api_key_file) if args.api_key_file else ())
 
 
@@ -67,7 +68,7 @@ def serve_here(config: ServerConfig, host: str, port: int) -> int:
         if d["random_weights"]:
             say(f"WARNING: {RANDOM_WEIGHTS_BANNER}")
         say(f"ready: {config.artifacts} on {d['backend']}/{d['precision']} (max batch {d['max_batch']}), "
-            f"serving http://{host}:{port}")
+            f"serving {base_url(host, port)}")
 
     def failed(error: BaseException) -> None:
         server.should_exit = True
@@ -75,15 +76,19 @@ def serve_here(config: ServerConfig, host: str, port: int) -> int:
     service = PickScoreService(config, on_ready=ready, on_failure=failed)
     server = DrainingServer(uvicorn.Config(
         build_app(service), host=host, port=port, log_level="warning", access_log=False, lifespan="on",
-        # a drain waits for the requests in flight, each bounded by the request timeout
-        timeout_graceful_shutdown=int(config.request_timeout_s) + 10))
+        # a drain waits for the requests in flight, each bounded by the body and request timeouts
+        timeout_graceful_shutdown=int(config.drain_timeout_s)))
     with signals_end_cleanly():
         server.run()
     if service.error is not None:
         if isinstance(service.error, PickScoreError):
             raise service.error
         raise PickScoreError(f"could not start: {type(service.error).__name__}: {service.error}")
-    say("stopped: every accepted request was answered")
+    if service.cut_short:
+        say(f"stopped: {service.cut_short} accepted request(s) were still running at the drain deadline "
+            f"({config.drain_timeout_s:g} s) and were answered 503; every other one was answered")
+    else:
+        say("stopped: every accepted request was answered")
     return EXIT_OK
 
 

@@ -50,3 +50,34 @@ class Unavailable(RequestRefused):
 
 class TimedOut(RequestRefused):
     status, kind = 504, "timeout"
+
+
+class RequestTimeout(RequestRefused):
+    """The body did not arrive in full within --body-timeout-s (a client that stalls or drips it)."""
+
+    status, kind = 408, "request_timeout"
+
+
+class NotFound(RequestRefused):
+    status, kind = 404, "not_found"
+
+
+class MethodNotAllowed(RequestRefused):
+    status, kind = 405, "method_not_allowed"
+
+
+class ShuttingDown(Unavailable):
+    """Cut short by the shutdown deadline: the work was dropped, so the client may send it again elsewhere."""
+
+
+# What the framework's own refusals (an unknown route, a wrong method) become, so they have our shape too.
+BY_STATUS = {cls.status: cls for cls in (BadRequest, Unauthorized, NotFound, MethodNotAllowed, RequestTimeout,
+                                         PayloadTooLarge, NonFiniteOutput, Unavailable, TimedOut)}
+
+
+def refusal_for(status: int, message: str, headers: dict[str, str] | None = None) -> RequestRefused:
+    """A RequestRefused of `status` (its documented type), for a refusal that did not start as one."""
+    refusal = RequestRefused(message, headers)
+    cls = BY_STATUS.get(status)
+    refusal.status, refusal.kind = status, cls.kind if cls else ("invalid_request_error" if status < 500 else "internal_error")
+    return refusal

@@ -33,7 +33,7 @@ from ..images import image_name
 from ..results import TEXT_NONFINITE, VISION_NONFINITE, PromptResult, ResultAssembler, finite_rows
 from ..tokenizer import ClipTokenizer, check_prompt
 from .batcher import EmbedJob
-from .http_errors import BadRequest, NonFiniteOutput
+from .http_errors import BadRequest, NonFiniteOutput, PayloadTooLarge
 from .safe_pickle import dumps, safe_loads
 
 JSON = "application/json"
@@ -71,7 +71,7 @@ class Protocol:
     name: str
     path: str
     media_type: str
-    parse: Callable[[bytes], Parsed]
+    parse: Callable[[bytes, int], Parsed]  # (body, max_images)
     render: Callable[[Parsed, EmbedJob, Context], bytes]
 
 
@@ -98,11 +98,24 @@ def field_of(doc: Any, name: str, kind: type | tuple[type, ...], where: str = ""
 
 
 TYPE_NAMES = {dict: "an object", list: "an array", tuple: "an array", str: "a string", bool: "a boolean",
-              int: "a number", float: "a number", type(None): "null", bytes: "bytes", bytearray: "bytes"}
+              int: "an integer", float: "a number", type(None): "null", bytes: "bytes", bytearray: "bytes"}
 
 
 def json_type(value: Any) -> str:
-    return TYPE_NAMES.get(type(value), type(value).__name__)
+    """What a value is, as a JSON user would say it; scalars with their value (`a number (2.5)`, `a boolean
+    (true)`), so that "must be an integer, got a number" says which number."""
+    name = TYPE_NAMES.get(type(value), type(value).__name__)
+    if isinstance(value, (bool, int, float)):
+        shown = json.dumps(value)  # true, 2.5, NaN: as the client wrote it
+        return f"{name} ({shown[:40]})"
+    return name
+
+
+def check_count(n: int, what: str, where: str, limit: int) -> None:
+    """Refuse a request of more than `limit` images or prompts before any of them is decoded."""
+    if n > limit:
+        raise PayloadTooLarge(f"{where}: {n} {what} in one request, over the limit of {limit} per request "
+                              "(--max-images); send them in several requests")
 
 
 def describe(kind: type | tuple[type, ...]) -> str:
@@ -139,11 +152,12 @@ def image_bytes(value: Any, where: str) -> bytes:
     return data
 
 
-def image_list(value: Any, where: str) -> list[bytes]:
+def image_list(value: Any, where: str, limit: int) -> list[bytes]:
     if not isinstance(value, (list, tuple)):
         raise BadRequest(f"{where} must be an array of images, got {json_type(value)}")
     if not value:
         raise BadRequest(f"{where} is empty: send at least one image")
+    check_count(len(value), "images", where, limit)
     return [image_bytes(x, f"{where}[{j}]") for j, x in enumerate(value)]
 
 
@@ -156,20 +170,24 @@ def comparison(parsed: Parsed, job: EmbedJob, ctx: Context, group: int) -> Promp
 
 
 # ---- /v1/score --------------------------------------------------------------------------------------
-def parse_score(body: bytes) -> Parsed:
+def parse_score(body: bytes, max_images: int) -> Parsed:
     doc = parse_json(body)
     parsed = Parsed()
     if isinstance(doc, dict) and "items" in doc:
         items = field_of(doc, "items", list)
         if not items:
             raise BadRequest("items is empty: send at least one {\"prompt\", \"images\"} item")
+        check_count(len(items), "prompts", "items", max_images)
+        check_count(sum(len(item["images"]) for item in items if isinstance(item, dict) and isinstance(item.get("images"), list)),
+                    "images", "items", max_images)
         for i, item in enumerate(items):
             where = f"items[{i}]"
             parsed.add_group(prompt_at(field_of(item, "prompt", str, where), f"{where}.prompt"),
-                             image_list(field_of(item, "images", list, where), f"{where}.images"))
+                             image_list(field_of(item, "images", list, where), f"{where}.images", max_images))
         parsed.extra["items"] = True
     else:
-        parsed.add_group(prompt_at(field_of(doc, "prompt", str), "prompt"), image_list(field_of(doc, "images", list), "images"))
+        parsed.add_group(prompt_at(field_of(doc, "prompt", str), "prompt"),
+                         image_list(field_of(doc, "images", list), "images", max_images))
     return parsed
 
 
@@ -179,7 +197,7 @@ def render_score(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
 
 
 # ---- /v1/rewards (pickle) ---------------------------------------------------------------------------
-def parse_rewards(body: bytes) -> Parsed:
+def parse_rewards(body: bytes, max_images: int) -> Parsed:
     doc = safe_loads(body)
     if not isinstance(doc, dict):
         raise BadRequest(f"the pickled request must be a dict with images and prompts, got {json_type(doc)}")
@@ -189,6 +207,7 @@ def parse_rewards(body: bytes) -> Parsed:
             raise BadRequest(f"{name} must be a list, got {'nothing' if value is None else json_type(value)}")
     if not images:
         raise BadRequest("images is empty: send at least one image")
+    check_count(len(images), "images", "images", max_images)  # a pickle repeats one reference cheaply: count first
     if len(prompts) != len(images):
         raise BadRequest(f"one prompt per image: {len(images)} images but {len(prompts)} prompts")
     parsed = Parsed(images=[image_bytes(x, f"images[{j}]") for j, x in enumerate(images)],
@@ -215,12 +234,13 @@ def render_rewards(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
 
 
 # ---- /v1/embeddings (OpenAI) ------------------------------------------------------------------------
-def parse_embeddings(body: bytes) -> Parsed:
+def parse_embeddings(body: bytes, max_images: int) -> Parsed:
     doc = parse_json(body)
     inputs = field_of(doc, "input", (str, list))
     inputs = [inputs] if isinstance(inputs, str) else inputs
     if not inputs:
         raise BadRequest("input is empty: send at least one text or image data URL")
+    check_count(len(inputs), "inputs", "input", max_images)
     fmt = field_of(doc, "encoding_format", str, required=False) or "float"
     if fmt not in ("float", "base64"):
         raise BadRequest(f"encoding_format must be float or base64, got {fmt!r}")
@@ -282,7 +302,7 @@ def document_image(doc: Any, where: str) -> str | bytes:
                      f"got {json_type(doc)}")
 
 
-def parse_rerank(body: bytes) -> Parsed:
+def parse_rerank(body: bytes, max_images: int) -> Parsed:
     doc = parse_json(body)
     query = prompt_at(field_of(doc, "query", str), "query")
     documents = field_of(doc, "documents", (list, dict))
@@ -293,6 +313,7 @@ def parse_rerank(body: bytes) -> Parsed:
         where = "documents"
     if not documents:
         raise BadRequest(f"{where} is empty: send at least one image")
+    check_count(len(documents), "images", where, max_images)
     top_n = field_of(doc, "top_n", int, required=False) or 0
     if top_n < 0:
         raise BadRequest(f"top_n must be 0 (all) or more, got {top_n}")

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 from ..backends import BACKENDS
 from ..optional import require
 from .app import build_app
+from .config import base_url
 from .config import ServerConfig
 from .service import PickScoreService
 
@@ -58,7 +59,7 @@ def deployment(config: ServerConfig, *, replicas: int = 1, cpus: float | None = 
         PickScoreReplica, name=name, num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
         # the replica's own bounded queue answers 503; Ray holds at most as many more in front of it
         max_ongoing_requests=config.max_queue, max_queued_requests=config.max_queue,
-        graceful_shutdown_timeout_s=config.request_timeout_s + 10, max_constructor_retry_count=1,
+        graceful_shutdown_timeout_s=config.drain_timeout_s, max_constructor_retry_count=1,
     ).bind(config)
 
 
@@ -79,7 +80,7 @@ def serve_on_ray(config: ServerConfig, address: str, *, host: str, port: int, re
             serve.start(http_options={"host": host, "port": port})
             serve.run(deployment(config, replicas=replicas, cpus=replica_cpus, gpus=replica_gpus), name="pickscore",
                       route_prefix="/")
-            progress(f"ready: {replicas} replica(s) of {config.artifacts} on Ray, serving http://{host}:{port}")
+            progress(f"ready: {replicas} replica(s) of {config.artifacts} on Ray, serving {base_url(host, port)}")
             while not stop.wait(0.5):
                 pass
             progress("stopping: draining the replicas")

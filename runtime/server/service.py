@@ -19,11 +19,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import PromptError
 from ..results import RandomWeightsWarning
 from ..scorer import PickScorer
-from .batcher import EmbedJob, MicroBatcher
+from .batcher import BatcherClosed, EmbedJob, MicroBatcher
 from .config import ServerConfig
-from .http_errors import TimedOut, Unavailable
+from .http_errors import BadRequest, ShuttingDown, TimedOut, Unavailable
 from .metrics import ServerMetrics
 from .protocols import Context
 
@@ -52,6 +53,7 @@ class PickScoreService:
         self.on_ready, self.on_failure = on_ready, on_failure
         self._pool: ThreadPoolExecutor | None = None
         self._open = 0  # requests admitted and not yet answered
+        self.cut_short = 0  # requests still running at the drain deadline, answered 503 instead
         self._lock = threading.Lock()
         self._rate = 0.0  # images/s over recent batches, for Retry-After
 
@@ -130,14 +132,23 @@ class PickScoreService:
         return d
 
     # ---- requests --------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Hold one place in the bounded queue for the duration of a request, or raise 503."""
+    def check_open(self) -> None:
+        """503 now, before the body is read, if the request could not be admitted anyway."""
         with self._lock:
-            if self.state != "ready":
-                raise Unavailable(f"not ready: {self.state}", retry_after_s=5 if self.state == "loading" else 1)
-            if self._open >= self.config.max_queue:
-                raise Unavailable(f"queue full ({self._open} requests in flight); retry later", self._retry_after())
+            self._refuse_unless_room(arrived_ready=False)
+
+    def _refuse_unless_room(self, arrived_ready: bool) -> None:
+        if self.state != "ready" and not (arrived_ready and self.state == "draining"):
+            raise Unavailable(f"not ready: {self.state}", retry_after_s=5 if self.state == "loading" else 1)
+        if self._open >= self.config.max_queue:
+            raise Unavailable(f"queue full ({self._open} requests in flight); retry later", self._retry_after())
+
+    @contextlib.contextmanager
+    def admitted(self, arrived_ready: bool = False) -> Iterator[None]:
+        """Hold one place in the bounded queue for the duration of a request, or raise 503. arrived_ready: the
+        request arrived (check_open passed) before a drain began, so a drain does not refuse it."""
+        with self._lock:
+            self._refuse_unless_room(arrived_ready)
             self._open += 1
             self.metrics.queue_depth.set(self._open)
         try:
@@ -148,13 +159,23 @@ class PickScoreService:
                 self.metrics.queue_depth.set(self._open)
 
     async def embed(self, prompts: Sequence[str], images: Sequence[bytes], image_index: Sequence[int]) -> EmbedJob:
-        """Run a request's prompts and images through the batcher; 504 after the request timeout."""
-        job = self.batcher.submit(prompts, images, image_index)
+        """Run a request's prompts and images through the batcher; 504 after the request timeout, 400 for
+        a prompt the tokenizer refuses (tokenised in a worker thread: only this request waits for it)."""
+        loop = asyncio.get_running_loop()
+        try:
+            job = await loop.run_in_executor(None, self.batcher.submit, prompts, images, image_index)
+        except PromptError as e:
+            raise BadRequest(str(e)) from None
+        except BatcherClosed:
+            raise ShuttingDown("the server is shutting down; send the request again") from None
         try:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), self.config.request_timeout_s)
         except asyncio.TimeoutError:
             self.batcher.cancel(job)
             raise TimedOut(f"not answered within the request timeout ({self.config.request_timeout_s:g} s)") from None
+        except asyncio.CancelledError:
+            self.batcher.cancel(job)
+            raise
         scored = len(images) - len(job.errors)
         self.metrics.images.labels("scored").inc(scored)
         self.metrics.images.labels("failed").inc(len(job.errors))

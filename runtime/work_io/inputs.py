@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import InputError, PickScoreError
+from ..images import looks_like_url
 from ..optional import require
 from ..pipeline import WorkItem
 from ..tokenizer import check_prompt
@@ -57,8 +58,8 @@ def expand_images(args: Iterable[str]) -> Selection:
             images += found
             if not found:
                 problems.setdefault(arg, "directory holds no image files")
-        elif os.path.lexists(arg) or not glob.has_magic(arg):
-            images.append(arg)  # missing: scored as 'file not found' in its own row
+        elif os.path.lexists(arg) or not glob.has_magic(arg) or looks_like_url(arg):
+            images.append(arg)  # missing: scored in its own row, which says why ('file not found', a URL)
         else:
             matches = sorted(glob.glob(arg, recursive=True))
             files = [m for m in matches if os.path.isfile(m)]
@@ -126,10 +127,10 @@ def read_rows(path: Path) -> Iterator[InputRow]:
     header = next(records)  # the columns the file declares (None: JSONL, where each line has its own)
     if header is not None and ("prompt" not in header or not ({"image", "images"} & set(header))):
         raise InputError(f"{path}: rows need a 'prompt' column and an 'image' (or 'images') column; got {sorted(header)}")
-    first_row_of: dict[str, int] = {}
+    ids = _Ids({})
     for number, rec in enumerate(records, 1):
         columns = header if header is not None else set(rec.values or ())
-        yield _validate(rec, number, "id" in columns, "group" in columns, first_row_of)
+        yield _validate(rec, number, "id" in columns, "group" in columns, ids)
 
 
 def validate_record(values: dict[str, Any] | None, number: int, *, line: int | None = None, problem: str | None = None,
@@ -137,31 +138,100 @@ def validate_record(values: dict[str, Any] | None, number: int, *, line: int | N
     """One record checked exactly as read_rows checks it, for readers that number their rows themselves
     (e.g. in parallel). `problem`: why the record has no usable values; `first_row_of`: id -> the row that
     first used it (a repeated id becomes an error row); without it, repeats are not looked for."""
-    return _validate(_Fields(line, values, problem), number, has_id, has_group, {} if first_row_of is None else first_row_of)
+    return _validate(_Fields(line, values, problem), number, has_id, has_group, _Ids({} if first_row_of is None else first_row_of))
 
 
-def _validate(rec: _Fields, number: int, has_id: bool, has_group: bool, first_row_of: dict[str, int]) -> InputRow:
+def valid_unicode(text: str) -> bool:
+    """False for a str holding lone surrogates (JSON's "\\ud800" decodes to one), which no file can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escape_invalid(text: str) -> str:
+    """`text` writable as UTF-8: lone surrogates become their backslash escapes (\\ud800); valid text is unchanged."""
+    return text if valid_unicode(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _Ids:
+    """Which row holds each id. A row whose own id cannot identify it (repeated, empty, not text) is given a
+    made-up one that no row holds yet, and remembered as made up, so a later row that literally uses it is
+    reported as colliding with a made-up id rather than as a plain repeat."""
+
+    def __init__(self, first_row_of: dict[str, int]):
+        self.first_row_of = first_row_of
+        self.made_for: dict[str, str] = {}  # made-up id -> why its row needed one
+
+    def claim(self, wanted: str, number: int) -> str:
+        self.first_row_of.setdefault(wanted, number)
+        return wanted
+
+    def make(self, base: str, number: int, why: str) -> str:
+        made = base
+        while made in self.first_row_of:  # taken (by a literal id, too): extend it until it is free
+            made += f"#row{number}"
+        self.made_for[made] = why
+        return self.claim(made, number)
+
+    def repeat(self, wanted: str) -> str | None:
+        """Why `wanted` cannot identify another row, or None if it is free."""
+        if wanted not in self.first_row_of:
+            return None
+        first = self.first_row_of[wanted]
+        if wanted in self.made_for:
+            return f"id {wanted!r} was already given to row {first} ({self.made_for[wanted]})"
+        return f"duplicate id {wanted!r} (first at row {first})"
+
+
+SCALARS = (str, int, float, bool)
+
+
+def _validate(rec: _Fields, number: int, has_id: bool, has_group: bool, ids: _Ids) -> InputRow:
     row = InputRow(number, str(number), rec.line)
     values = rec.values or {}
     raw_id = values.get("id")
-    if has_id and raw_id is not None and str(raw_id).strip():
-        row.id = str(raw_id)
-    if has_id and row.id in first_row_of:  # a repeated id cannot identify this row: give it its own
-        row.error = f"duplicate id {row.id!r} (first at row {first_row_of[row.id]})"
-        row.id = f"{row.id}#row{number}"
-    first_row_of.setdefault(row.id, number)
-    row.prompt, row.group = values.get("prompt"), values.get("group") if has_group else None
+    problems: list[str] = []
+    if not has_id:
+        row.id = ids.claim(row.id, number)
+    elif raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        row.id = ids.make(str(number), number, "its id is empty")
+        problems.append("the id is empty")
+    elif not isinstance(raw_id, SCALARS):
+        row.id = ids.make(str(number), number, "its id is not a string or number")
+        problems.append(f"the id must be a string or number, got {type(raw_id).__name__}")
+    else:
+        wanted = str(raw_id)
+        if not valid_unicode(wanted):
+            wanted = escape_invalid(wanted)
+            problems.append(f"the id is not valid Unicode (a lone surrogate); it is written escaped, as '{wanted}'")
+        repeat = ids.repeat(wanted)
+        if repeat is None:
+            row.id = ids.claim(wanted, number)
+        else:
+            row.id = ids.make(wanted, number, f"a repeat of id {wanted!r}")
+            problems.insert(0, repeat)
+    row.prompt = values.get("prompt")
+    row.group = values.get("group") if has_group else None
 
     def bad(problem: str) -> InputRow:
         row.error = f"{row.where}: {problem}"
         return row
 
-    if row.error:
-        return bad(row.error)
+    if problems:
+        return bad("; ".join(problems))
     if rec.problem:
         return bad(rec.problem)
-    if has_id and (raw_id is None or not str(raw_id).strip()):
-        return bad("the id is empty")
+    if row.group is not None:
+        # Written as text, so compared as text: JSON's 1 and "1" are one group, as the output shows them
+        if not isinstance(row.group, SCALARS):
+            group, row.group = row.group, None
+            return bad(f"the group must be a string or number, got {type(group).__name__}")
+        row.group = str(row.group)
+        if not valid_unicode(row.group):
+            row.group = escape_invalid(row.group)
+            return bad(f"the group is not valid Unicode (a lone surrogate); it is written escaped, as '{row.group}'")
     if "prompt" not in values:
         return bad("no 'prompt' value")
     try:
@@ -172,7 +242,7 @@ def _validate(rec: _Fields, number: int, has_id: bool, has_group: bool, first_ro
     if isinstance(images, str) and values.get("images") is not None and images.lstrip().startswith("["):
         try:  # CSV cells hold lists as JSON
             images = json.loads(images)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return bad("'images' is not a JSON list of paths")
     if images is None:
         return bad("no 'image' or 'images' value")
@@ -181,9 +251,16 @@ def _validate(rec: _Fields, number: int, has_id: bool, has_group: bool, first_ro
         return bad("the image list is empty")
     for value in images:
         if not isinstance(value, str) or not value.strip():
-            return bad(f"an image must be a non-empty path string, got {value!r}")
+            return bad(f"an image must be a non-empty path string, got {_shown(value)}")
+        if not valid_unicode(value):
+            return bad(f"the image path '{escape_invalid(value)}' is not valid Unicode (a lone surrogate)")
     row.images = images
     return row
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)  # repr escapes lone surrogates, so the message itself is writable
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
@@ -212,6 +289,12 @@ def _jsonl_records(path: Path) -> Iterator[Any]:
         except json.JSONDecodeError as e:
             yield _Fields(number, None, f"not valid JSON ({e.msg} at column {e.colno})")
             continue
+        except RecursionError:
+            yield _Fields(number, None, "not valid JSON here (nested too deeply)")
+            continue
+        except ValueError as e:  # e.g. an integer over Python's 4300-digit limit
+            yield _Fields(number, None, f"not valid JSON here ({e})")
+            continue
         if not isinstance(value, dict):
             yield _Fields(number, None, f"expected a JSON object, got {type(value).__name__ if value is not None else 'null'}")
             continue
@@ -232,6 +315,7 @@ def _csv_records(path: Path) -> Iterator[Any]:
             if problem:
                 raise InputError(f"{path}: the header row cannot be read ({problem})")
             header = [h.strip() for h in record]
+            _refuse_repeated_columns(path, header)
             yield set(header)
             continue
         if problem:
@@ -278,6 +362,15 @@ def _next_csv_record(lines: Iterator, pushed_back: deque) -> tuple[list[str] | N
     return record, taken[0][0], None
 
 
+def _refuse_repeated_columns(path: Path, names: list[str]) -> None:
+    # A repeated column would be read as whichever copy comes last, silently: which one was meant is the user's call
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise InputError(f"{path}: the header names the column {name!r} more than once; rename or remove the extra one")
+        seen.add(name)
+
+
 class _BrokenRecord(Exception):
     pass
 
@@ -288,6 +381,7 @@ def _parquet_records(path: Path) -> Iterator[Any]:
         file = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for an unreadable file
         raise InputError(f"{path} is not a readable Parquet file ({e})") from None
+    _refuse_repeated_columns(path, file.schema_arrow.names)
     yield set(file.schema_arrow.names)
     for batch in file.iter_batches(batch_size=4096):
         for values in batch.to_pylist():

@@ -10,20 +10,23 @@ keeps a second writer off the same output.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ..durable import sync_dir
 from ..errors import InputError, PickScoreError
 from ..locks import FileLock, LockedError
 from ..optional import require
 from ..results import PromptResult
-from .inputs import InputRow, file_format
+from .inputs import InputRow, escape_invalid, file_format
+from .runs import changes, load_record, record_path, save_record
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,20 @@ class OutputError(PickScoreError):
 
 
 def _text(value: Any) -> str | None:
-    return None if value is None else value if isinstance(value, str) else str(value)
+    # Lone surrogates (from a JSON "\\ud800") cannot be encoded in any output format: write them escaped;
+    # the input reader has named every such row as an error row already.
+    return None if value is None else escape_invalid(value if isinstance(value, str) else str(value))
+
+
+def row_digest(row: int, prompt: str | None, images: Iterable[str | None]) -> int:
+    """What an input row was, as its output rows record it (row number, prompt, images): a resumed run
+    skips a row under a committed id only if this matches, so an edited, inserted or removed row is caught."""
+    text = json.dumps([int(row), prompt or "", [image or "" for image in images]], ensure_ascii=False)
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "backslashreplace"), digest_size=8).digest(), "big")
+
+
+def input_row_digest(source: InputRow) -> int:
+    return row_digest(source.row, _text(source.prompt), [_text(i) for i in source.images] or [None])
 
 
 def result_rows(result: PromptResult) -> Iterator[dict[str, Any]]:
@@ -57,9 +73,9 @@ def result_rows(result: PromptResult) -> Iterator[dict[str, Any]]:
             scored = next(scores, None) if image is not None else None
             yield {
                 "id": source.id, "row": source.row, "group": _text(source.group), "prompt": _text(result.prompt),
-                "image": image, "score": scored.score if scored else None, "prob": scored.prob if scored else None,
+                "image": _text(image), "score": scored.score if scored else None, "prob": scored.prob if scored else None,
                 "rank": scored.rank if scored else None, "truncated": bool(result.truncated),
-                "error": result.error or (scored.error if scored else None),
+                "error": _text(result.error or (scored.error if scored else None)),
                 "random_weights": result.random_weights, "precision": result.precision,
             }
 
@@ -129,28 +145,57 @@ def _sync_close(file: Any) -> None:
     file.close()
 
 
-def read_committed(path: Path) -> list[tuple[str, bool]]:
-    """(id, whether the row has an error) for every row of an output file of ours, in order; InputError
-    if the file is not one of ours."""
+@dataclass(frozen=True)
+class Committed:
+    """One input row an output file holds: its id, whether it is an error row, and its row_digest."""
+
+    id: str
+    error: bool
+    digest: int
+
+
+def read_committed(path: Path) -> list[Committed]:
+    """Every input row an output file of ours holds, in order; InputError if the file is not one of ours."""
     fmt = file_format(path)
+    wanted = ["id", "row", "prompt", "image", "error"]
     not_ours = f"{path} has no id column: it was not written by `pickscore score`, so it cannot be resumed"
     try:
         if fmt == "parquet":
             pq = require("pyarrow.parquet", "Parquet output")
-            if not {"id", "error"} <= set(pq.ParquetFile(path).schema_arrow.names):
+            if not set(wanted) <= set(pq.ParquetFile(path).schema_arrow.names):
                 raise InputError(not_ours)
-            table = pq.read_table(path, columns=["id", "error"])
-            return [(str(i), bool(e)) for i, e in zip(table.column("id").to_pylist(), table.column("error").to_pylist())]
+            table = pq.read_table(path, columns=wanted)
+            rows: Iterable[dict] = (dict(zip(wanted, values)) for values in zip(*(table.column(c).to_pylist() for c in wanted)))
+            return _committed_rows(rows)
         with open(path, newline="", encoding="utf-8") as f:
             if fmt == "csv":
                 reader = csv.DictReader(f)
-                if not {"id", "error"} <= set(reader.fieldnames or []):
+                if not set(wanted) <= set(reader.fieldnames or []):
                     raise InputError(not_ours)
-                return [(r["id"], bool(r["error"])) for r in reader]
-            rows = [json.loads(line) for line in f if line.strip()]
-            return [(str(r["id"]), bool(r.get("error"))) for r in rows]
+                return _committed_rows(reader)
+            return _committed_rows(json.loads(line) for line in f if line.strip())
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path} cannot be read as an earlier output to resume ({type(e).__name__}: {e})") from None
+
+
+def _committed_rows(rows: Iterable[dict]) -> list[Committed]:
+    """Output rows -> input rows: the output rows of one input row (one per image) are consecutive."""
+    found: list[Committed] = []
+    current: list[dict] = []
+
+    def close() -> None:
+        if current:
+            first = current[0]
+            found.append(Committed(str(first["id"]), any(bool(r["error"]) for r in current),
+                                   row_digest(first["row"], first["prompt"], [r["image"] for r in current])))
+            current.clear()
+
+    for r in rows:
+        if current and str(r["id"]) != str(current[0]["id"]):
+            close()
+        current.append(r)
+    close()
+    return found
 
 
 def _batched(rows: Iterable[dict], n: int) -> Iterator[list[dict]]:
@@ -173,10 +218,14 @@ class PartedOutput:
         if resume and overwrite:
             raise InputError("--resume and --overwrite contradict each other: choose one")
         for source in inputs:
-            if _same_file(Path(source), self.path):
+            if same_file(Path(source), self.path):
                 raise InputError(f"--output {self.path} is the input file: writing it would destroy the input")
         if self.path.is_dir():
             raise InputError(f"--output {self.path} is a directory; give a file name ending in .csv, .jsonl or .parquet")
+        if self.path.absolute().parent.name.endswith(".parts"):
+            # another run's parts: that run would merge this output into its own, then delete it
+            raise InputError(f"--output {self.path} is inside {self.path.parent}, where another run keeps the parts "
+                             "of its output; give an output of its own")
         self.parts_dir = self.path.with_name(self.path.name + ".parts")
         self.part_rows, self.part_seconds = part_rows, part_seconds
         try:
@@ -191,6 +240,7 @@ class PartedOutput:
         except BaseException:
             self._lock.release()
             raise
+        self.identity: tuple[dict[str, Any], dict[str, Any]] | None = None  # what begin() recorded
         self._buffer: list[dict] = []
         self._last_commit = time.monotonic()
         self.rows_written = 0
@@ -209,23 +259,69 @@ class PartedOutput:
         elif not resume and parts:
             raise InputError(f"{self.parts_dir} holds {len(parts)} committed part(s) of an interrupted run: pass "
                              "--resume to finish it, or --overwrite to start over")
-        self.base = self.path if (resume and exists) else None
+        # An interrupted --overwrite run leaves the file it replaces in place until it finishes: its rows are not
+        # this run's, and a resume must not keep them.
+        self.replacing = overwrite or (resume and exists and bool((load_record(self.path) or {}).get("replacing")))
+        self.base = self.path if (resume and exists and not self.replacing) else None
         earlier = read_committed(self.base) if self.base else []
-        self.base_ids = {i for i, _ in earlier}
-        self.committed = set(self.base_ids)
+        self.base_ids = {c.id for c in earlier}
         for part in parts:
             rows = read_committed(part)
-            if self.base_ids.isdisjoint(i for i, _ in rows):
+            if self.base_ids.isdisjoint(c.id for c in rows):
                 earlier += rows
-                self.committed.update(i for i, _ in rows)
-        self.earlier_rows, self.earlier_errors = len(earlier), sum(1 for _, error in earlier if error)
+        self.committed = {c.id: c.digest for c in earlier}
+        self.earlier_rows, self.earlier_errors = len(earlier), sum(1 for c in earlier if c.error)
         self._next_part = 1 + max((int(p.stem.split("-")[1].split(".")[0]) for p in parts), default=0)
 
     def _parts(self) -> list[Path]:
-        return sorted(self.parts_dir.glob(f"part-*.{self.fmt}")) if self.parts_dir.is_dir() else []
+        names = re.compile(rf"part-\d{{6}}\.{self.fmt}")  # as commit() names them, nothing else
+        return sorted(p for p in self.parts_dir.glob(f"part-*.{self.fmt}") if names.fullmatch(p.name)) \
+            if self.parts_dir.is_dir() else []
+
+    def begin(self, input_identity: dict[str, Any], model: dict[str, Any], rows: Callable[[], Iterable[InputRow]]) -> None:
+        """Record what this run is, or, when there is earlier work to finish, refuse (InputError) unless the
+        earlier run had the same input and model. `rows`: the input rows read afresh, to name the first row
+        that differs when the input changed."""
+        self.identity = (input_identity, model)
+        if not (self.base or self.committed):
+            save_record(self.path, input_identity, model, replacing=self.replacing and self.path.exists())
+            return
+        record = load_record(self.path)
+        redo = "Use a new --output for a new run, or --overwrite to replace this one"
+        if record is None:
+            raise InputError(f"--resume: {self.path} has no run record ({record_path(self.path).name}), so whether it "
+                             f"is the same run cannot be checked (written by an older version?). {redo}")
+        changed = changes(record["model"], model)
+        if changed:
+            raise InputError(f"--resume: {self.path} was written with other model settings ({'; '.join(changed)}): "
+                             f"its scores would not match. {redo}")
+        if changes(record["input"], input_identity, ignore=("path",)):
+            detail = "; ".join(changes(record["input"], input_identity))
+            raise InputError(f"--resume: the input is not the one {self.path} was started from ({detail}); "
+                             f"{self._first_difference(rows())}. {redo}")
+
+    def _first_difference(self, rows: Iterable[InputRow]) -> str:
+        seen = 0
+        for row in rows:
+            digest = self.committed.get(row.id)
+            if digest is None:
+                continue
+            if digest != input_row_digest(row):
+                return (f"{row.where} (id {row.id!r}) is not the row the earlier run scored under that id "
+                        "(rows inserted, removed or edited)")
+            seen += 1
+        if seen < len(self.committed):
+            return f"{len(self.committed) - seen} row(s) the earlier run scored are no longer in the input"
+        return "the rows it scored are unchanged, but others were added or edited"
 
     def is_committed(self, row: InputRow) -> bool:
-        return row.id in self.committed
+        digest = self.committed.get(row.id)
+        if digest is None:
+            return False
+        if digest != input_row_digest(row):  # begin() compared the whole file; this holds even if it changes now
+            raise InputError(f"--resume: {row.where} (id {row.id!r}) is not the row {self.path} holds under that id; "
+                             "the input changed during the run")
+        return True
 
     # ---- writing ------------------------------------------------------------------------------
     def write(self, result: PromptResult) -> None:
@@ -250,7 +346,7 @@ class PartedOutput:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot write {part}: {e.strerror or e}. The {len(self.committed)} rows committed "
                               "before are kept; fix this and rerun the same command with --resume") from None
-        self.committed.update(r["id"] for r in self._buffer)
+        self.committed.update((c.id, c.digest) for c in _committed_rows(self._buffer))
         self.rows_written += len(self._buffer)
         self._buffer.clear()
         self._next_part += 1
@@ -266,12 +362,14 @@ class PartedOutput:
                 if self.base is not None:
                     writer.append(self.base)
                 for part in self._parts():
-                    if not self.base_ids.isdisjoint(i for i, _ in read_committed(part)):
+                    if not self.base_ids.isdisjoint(c.id for c in read_committed(part)):
                         continue  # merged into OUT already: the last run died between the rename and the cleanup
                     writer.append(part)
                 writer.close()
                 os.replace(tmp, self.path)
                 sync_dir(self.path.parent)
+                if self.replacing and self.identity:  # the file is this run's now (until this is saved, a resume rebuilds it from the parts)
+                    save_record(self.path, *self.identity)
             except OSError as e:
                 tmp.unlink(missing_ok=True)
                 raise OutputError(f"cannot write {self.path}: {e.strerror or e}. Every row is kept in "
@@ -285,7 +383,8 @@ class PartedOutput:
         self._lock.release()
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """One file by any path: hard links, symlinks and '.' included."""
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b) or a.resolve() == b.resolve()
     except OSError:
