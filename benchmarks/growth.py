@@ -10,12 +10,14 @@ Each size runs twice: a fresh run, then `--resume` over the finished output (not
 of reading and checking what is there). Seconds per row are marginal, above a `--baseline` run of a few rows
 (process start, model load, Ray planning), as ray_vs_cli.py separates them: (wall(N) - wall(base)) / (N - base).
 Peak RSS is the largest sum over the command's process tree (the CLI; or the Ray driver, raylet, GCS and
-workers), sampled every 0.1 s. The Ray runs join one local cluster started here, as ray_vs_cli.py's do.
+workers), sampled every 0.1 s. The Ray runs join one local cluster started here after the CLI runs, as
+ray_vs_cli.py's do.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 from pickscore_runtime.artifacts import Artifacts
 from pickscore_runtime.machine import code_version, machine_info
@@ -61,43 +64,50 @@ def count_rows(out: Path) -> int:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    cells = [("cli", n) for n in args.sizes] + [("ray", n) for n in args.ray_sizes]
-    address, temp = None, None
-    if args.ray_sizes:
-        import ray
-
-        temp = tempfile.mkdtemp(prefix="psgrowth", dir="/tmp")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=CLUSTER_CPUS_PER_CORE * (os.cpu_count() or 1), include_dashboard=False, _temp_dir=temp,
-                 log_to_driver=False)
-        address = ray.get_runtime_context().gcs_address
     rows = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="growth-") as tmp:
-            work = Path(tmp)
-            for path in dict.fromkeys(p for p, _ in cells):
-                for n in [args.baseline] + [n for p, n in cells if p == path]:
-                    manifest = write_work(work, n, IMAGE_SIZE)
-                    out = work / (f"out_{path}_{n}" + ("" if path == "ray" else ".parquet"))
-                    for phase, resume in (("fresh", False), ("resume_finished", True)):
-                        row = {"path": path, "rows": n, "phase": phase,
-                               **run_once(command(path, args.artifacts, manifest, out, address, resume))}
-                        if "error" not in row:
-                            row["rows_written"] = count_rows(out)
-                        row["load_average"] = round(os.getloadavg()[0], 2)
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
-                    shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-                    manifest.unlink()
-    finally:
-        if address:
-            import ray
-
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="growth-") as tmp:
+        for path, sizes in (("cli", args.sizes), ("ray", args.ray_sizes)):
+            if not sizes:
+                continue
+            # the Ray cluster only for the Ray cells: its idle processes would count in the CLI's peak RSS
+            with ray_cluster() if path == "ray" else contextlib.nullcontext() as address:
+                for n in [args.baseline] + sizes:
+                    rows += measure_size(Path(tmp), path, n, args.artifacts, address)
     return {"code": code_version(), "command": shlex.join(sys.argv), "machine": machine_info(None),
             "artifacts": args.artifacts, "random_weights": Artifacts.load(args.artifacts, hash_check="size").random_weights,
             "image_size": IMAGE_SIZE, "baseline_rows": args.baseline, "rows": rows, "summary": summarise(rows, args.baseline)}
+
+
+@contextlib.contextmanager
+def ray_cluster() -> Iterator[str]:
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="psgrowth", dir="/tmp")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=CLUSTER_CPUS_PER_CORE * (os.cpu_count() or 1), include_dashboard=False, _temp_dir=temp,
+             log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def measure_size(work: Path, path: str, n: int, artifacts: str, address: str | None) -> list[dict]:
+    """A fresh run of n rows, then --resume over its finished output."""
+    manifest = write_work(work, n, IMAGE_SIZE)
+    out = work / (f"out_{path}_{n}" + ("" if path == "ray" else ".parquet"))
+    rows = []
+    for phase, resume in (("fresh", False), ("resume_finished", True)):
+        row = {"path": path, "rows": n, "phase": phase, **run_once(command(path, artifacts, manifest, out, address, resume))}
+        if "error" not in row:
+            row["rows_written"] = count_rows(out)
+        row["load_average"] = round(os.getloadavg()[0], 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+    manifest.unlink()
+    return rows
 
 
 def summarise(rows: list[dict], baseline: int) -> list[dict]:

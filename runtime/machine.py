@@ -21,7 +21,7 @@ from typing import Any
 SIMD_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
+def cpu_model_and_flags() -> tuple[str, set[str]]:
     """(model name, flags) from /proc/cpuinfo; (platform.processor(), empty) where there is none."""
     cpu, flags = platform.processor(), set()
     try:
@@ -48,7 +48,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     Python, ONNX Runtime, the OS, and the SIMD flags that decide int8 / bf16 speed (`simd`)."""
     import onnxruntime
 
-    cpu, flags = _cpuinfo()
+    cpu, flags = cpu_model_and_flags()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "threads": threads or os.cpu_count(),
             "memory_gb": _memory_gb(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,

@@ -20,7 +20,7 @@ from pickscore_runtime.backends import AUTO_ORDER, BACKENDS, create_backend, res
 from pickscore_runtime.backends.base import BackendInputError
 from pickscore_runtime.errors import BackendUnavailableError, PickScoreError
 from pickscore_runtime.export_cache import first_use_plan
-from pickscore_runtime.machine import _cpuinfo
+from pickscore_runtime.machine import cpu_model_and_flags
 
 IDS = [np.array([[49406, 320, 2368, 49407]], np.int64), np.array([[49406, 320, 1929, 539, 320, 2368, 49407]] * 3, np.int64)]
 
@@ -35,7 +35,7 @@ def pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def cpu_has_bf16() -> bool:
-    return bool(_cpuinfo()[1] & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_model_and_flags()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def test_registry_entry_resolves_bf16_from_the_fp32_files_and_auto_leaves_it_alone(artifacts):

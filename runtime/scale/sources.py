@@ -31,7 +31,7 @@ from typing import Any, Iterator
 from ..errors import InputError
 from ..optional import require
 from ..work_io import COLUMN_NAMES, InputRow, read_rows
-from ..work_io.inputs import validate_record
+from ..work_io.inputs import as_text, validate_record
 from .files import Location, locate
 
 ray_data = require("ray.data", "scoring on Ray (--ray)")
@@ -65,19 +65,6 @@ def row_key(file: int, local_row: int, image: int) -> int:
 def comparison_key(group: Any, prompt: Any) -> str:
     """Rows with equal keys belong to one comparison when their row numbers are consecutive."""
     return json.dumps([group, prompt], ensure_ascii=False, default=str)
-
-
-def as_text(value: Any) -> str | None:
-    """A value as Parquet can hold it: text, with any lone surrogate (which JSON's "\\udXXX" escapes can
-    produce, and which UTF-8 cannot encode) written as its escape."""
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else str(value)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
 
 
 def unicode_problem(row: InputRow) -> str | None:

@@ -155,6 +155,11 @@ def escape_invalid(text: str) -> str:
     return text if valid_unicode(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def as_text(value: Any) -> str | None:
+    """A value as every output format can hold it: text (lone surrogates escaped, see escape_invalid), or None."""
+    return None if value is None else escape_invalid(value if isinstance(value, str) else str(value))
+
+
 class _Ids:
     """Which row holds each id. A row whose own id cannot identify it (repeated, empty, not text) is given a
     made-up one that no row holds yet, and remembered as made up, so a later row that literally uses it is

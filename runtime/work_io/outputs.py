@@ -25,7 +25,7 @@ from ..errors import InputError, PickScoreError
 from ..locks import FileLock, LockedError
 from ..optional import require
 from ..results import PromptResult
-from .inputs import InputRow, escape_invalid, file_format
+from .inputs import InputRow, as_text, file_format
 from .runs import changes, load_record, record_path, save_record
 
 
@@ -47,12 +47,6 @@ class OutputError(PickScoreError):
     """The output cannot be written (disk full, permissions); what was committed is kept."""
 
 
-def _text(value: Any) -> str | None:
-    # Lone surrogates (from a JSON "\\ud800") cannot be encoded in any output format: write them escaped;
-    # the input reader has named every such row as an error row already.
-    return None if value is None else escape_invalid(value if isinstance(value, str) else str(value))
-
-
 def row_digest(row: int, prompt: str | None, images: Iterable[str | None]) -> int:
     """What an input row was, as its output rows record it (row number, prompt, images): a resumed run
     skips a row under a committed id only if this matches, so an edited, inserted or removed row is caught."""
@@ -61,7 +55,7 @@ def row_digest(row: int, prompt: str | None, images: Iterable[str | None]) -> in
 
 
 def input_row_digest(source: InputRow) -> int:
-    return row_digest(source.row, _text(source.prompt), [_text(i) for i in source.images] or [None])
+    return row_digest(source.row, as_text(source.prompt), [as_text(i) for i in source.images] or [None])
 
 
 def result_rows(result: PromptResult) -> Iterator[dict[str, Any]]:
@@ -72,10 +66,10 @@ def result_rows(result: PromptResult) -> Iterator[dict[str, Any]]:
         for image in source.images or [None]:  # a bad row without images still gets its row
             scored = next(scores, None) if image is not None else None
             yield {
-                "id": source.id, "row": source.row, "group": _text(source.group), "prompt": _text(result.prompt),
-                "image": _text(image), "score": scored.score if scored else None, "prob": scored.prob if scored else None,
+                "id": source.id, "row": source.row, "group": as_text(source.group), "prompt": as_text(result.prompt),
+                "image": as_text(image), "score": scored.score if scored else None, "prob": scored.prob if scored else None,
                 "rank": scored.rank if scored else None, "truncated": bool(result.truncated),
-                "error": _text(result.error or (scored.error if scored else None)),
+                "error": as_text(result.error or (scored.error if scored else None)),
                 "random_weights": result.random_weights, "precision": result.precision,
             }
 
