@@ -27,11 +27,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
 
 from pickscore_runtime.artifacts import Artifacts
 from pickscore_runtime.machine import code_version, machine_info
-from ray_vs_cli import CLUSTER_CPUS_PER_CORE, CpuMeter, write_work
+from ray_vs_cli import CpuMeter, local_cluster, write_work
 
 IMAGE_SIZE = 64  # small JPEGs (4 per prompt, as ray_vs_cli.py writes them): decoding is not what is measured
 
@@ -70,27 +69,12 @@ def measure(args: argparse.Namespace) -> dict:
             if not sizes:
                 continue
             # the Ray cluster only for the Ray cells: its idle processes would count in the CLI's peak RSS
-            with ray_cluster() if path == "ray" else contextlib.nullcontext() as address:
+            with local_cluster("psgrowth") if path == "ray" else contextlib.nullcontext() as address:
                 for n in [args.baseline] + sizes:
                     rows += measure_size(Path(tmp), path, n, args.artifacts, address)
     return {"code": code_version(), "command": shlex.join(sys.argv), "machine": machine_info(None),
             "artifacts": args.artifacts, "random_weights": Artifacts.load(args.artifacts, hash_check="size").random_weights,
             "image_size": IMAGE_SIZE, "baseline_rows": args.baseline, "rows": rows, "summary": summarise(rows, args.baseline)}
-
-
-@contextlib.contextmanager
-def ray_cluster() -> Iterator[str]:
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="psgrowth", dir="/tmp")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=CLUSTER_CPUS_PER_CORE * (os.cpu_count() or 1), include_dashboard=False, _temp_dir=temp,
-             log_to_driver=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def measure_size(work: Path, path: str, n: int, artifacts: str, address: str | None) -> list[dict]:

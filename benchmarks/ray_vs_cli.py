@@ -18,6 +18,7 @@ Target for the full architecture: Ray >= 90 % of the CLI's img/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -137,33 +139,40 @@ class CpuMeter:
         return live + self.reaped
 
 
-def compare(args: argparse.Namespace) -> dict:
+@contextlib.contextmanager
+def local_cluster(prefix: str) -> Iterator[str]:
+    """A local Ray cluster with CLUSTER_CPUS_PER_CORE logical CPUs per core, for the benchmark's runs to join;
+    yields its address."""
     import ray
 
-    sizes = [int(x) for x in args.sizes.split(",")]
-    cores = os.cpu_count() or 1
-    temp = tempfile.mkdtemp(prefix="psbench", dir="/tmp")
+    temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # one actor less beside the work, as a production cluster would run
-    ray.init(num_cpus=CLUSTER_CPUS_PER_CORE * cores, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
-    address = ray.get_runtime_context().gcs_address
-    rows = []
+    ray.init(num_cpus=CLUSTER_CPUS_PER_CORE * (os.cpu_count() or 1), include_dashboard=False, _temp_dir=temp,
+             log_to_driver=False)
     try:
-        with tempfile.TemporaryDirectory(prefix="ray-vs-cli-") as tmp:
-            manifests = {n: write_work(Path(tmp), n, args.image_size) for n in sizes}
-            for round_ in range(args.rounds):
-                for precision in args.precisions.split(","):
-                    for n in sizes:
-                        paths = ["cli", "ray"] if round_ % 2 == 0 else ["ray", "cli"]  # drift hits both alike
-                        for path in paths:
-                            wall, cpu = run_once(path, args.artifacts, precision, manifests[n], Path(tmp) / "out",
-                                                 address, args.batch_size)
-                            rows.append({"round": round_, "path": path, "precision": precision, "images": n,
-                                         "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-                                         "images_per_s": round(n / wall, 3), "load_average": os.getloadavg()[0]})
-                            print(json.dumps(rows[-1]), flush=True)
+        yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def compare(args: argparse.Namespace) -> dict:
+    sizes = [int(x) for x in args.sizes.split(",")]
+    cores = os.cpu_count() or 1
+    rows = []
+    with local_cluster("psbench") as address, tempfile.TemporaryDirectory(prefix="ray-vs-cli-") as tmp:
+        manifests = {n: write_work(Path(tmp), n, args.image_size) for n in sizes}
+        for round_ in range(args.rounds):
+            for precision in args.precisions.split(","):
+                for n in sizes:
+                    paths = ["cli", "ray"] if round_ % 2 == 0 else ["ray", "cli"]  # drift hits both alike
+                    for path in paths:
+                        wall, cpu = run_once(path, args.artifacts, precision, manifests[n], Path(tmp) / "out",
+                                             address, args.batch_size)
+                        rows.append({"round": round_, "path": path, "precision": precision, "images": n,
+                                     "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+                                     "images_per_s": round(n / wall, 3), "load_average": os.getloadavg()[0]})
+                        print(json.dumps(rows[-1]), flush=True)
     return {"code": code_version(), "command": shlex.join(sys.argv), "cwd": os.getcwd(), "machine": machine_info(None),
             "load_average_after": os.getloadavg(), "artifacts": args.artifacts,
             "random_weights": Artifacts.load(args.artifacts, hash_check="size").random_weights,
