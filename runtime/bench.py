@@ -1,6 +1,8 @@
 """`pickscore bench`: every backend measured side by side in one process, on the same inputs, as
 comparable rows {backend, precision, device, stage, batch_size, items_per_s, p50_ms, p95_ms, peak_rss_mb,
-gpu_mem_mb, error, options, requested, vs_torch_fp32, vs_torch_bf16}.
+gpu_mem_mb, error, options, requested, vs_torch_fp32, vs_torch_bf16, runs, gpu_weights_mb, gpu_workspace_mb,
+colocated_items_per_s, workload_alone_iters_per_s, workload_colocated_iters_per_s, colocated_slowdown,
+colocated_error}.
 
 Backends are specs `name[:precision[:option=value,...]]` (BenchSpec): `torch:fp32` is the model card's
 PyTorch code, `torch:bf16` the same under CPU autocast, `onnx-cpu:int8` the runtime's fast CPU path,
@@ -33,6 +35,23 @@ on a backend that overlaps them (queue_depth > 1: the GPU backends) each timed c
 batches, so the copy of one batch overlaps the compute of the one before, as in the pipeline; elsewhere
 one. Its p50/p95 are per batch.
 
+GPU memory, per cuda row: `gpu_weights_mb` is the device memory in use after its backend opened minus
+before (its weights, and whatever else opening it put on the device: engines, kernels, handles);
+`gpu_workspace_mb` the peak while the cell's calls ran minus the memory in use just before them (backends
+open, the batch's input tensors on the device, torch's allocator cache emptied first, so each block's
+workspace is its own). Both read the whole device (cudaMemGetInfo), so another process's allocations show;
+interleaved, the cells of one batch size share one workspace figure, like gpu_mem_mb. gpu_memory_targets
+sets the two against GPU_MEMORY_TARGET_MB, printed beside the table until a GPU run records them.
+
+`colocate=True` (`--colocate`) also measures every cell beside a stand-in for a trainer's step on the same
+GPU (colocated.stand_in_trainer, a bf16 matmul loop on its own stream in a background thread): the
+stand-in's iterations/s alone and during the cell (`workload_alone_iters_per_s`,
+`workload_colocated_iters_per_s`, their ratio `colocated_slowdown`), and the cell's own items/s under that
+contention (`colocated_items_per_s`; `items_per_s` stays uncontended). Each cell gets its own contended
+window, after its uncontended timing, interleaved or not. A cell that fails only there keeps its figures and
+records `colocated_error`. Without an NVIDIA GPU and a CUDA build of torch it is refused before anything
+loads (colocated.check_colocate). Never run on a GPU yet.
+
 PRESETS are named scenarios (backends, batch sizes, stages, timing); benchmarks/gpu/acceptance.py runs
 parts of `gpu` that fit its time budget.
 """
@@ -55,6 +74,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from . import colocated
 from .argtypes import option_pair
 from .artifacts import Artifacts
 from .backends import BACKENDS, Backend, create_backend, select_backend
@@ -63,7 +83,7 @@ from .errors import PickScoreError
 from .inflight import embed_in_flight
 from .machine import code_version, gpu_info, machine_info
 from .options import ScorerOptions
-from .optional import require
+from .optional import findable, require
 from .pipeline import default_workers
 from .scorer import PickScorer
 
@@ -72,6 +92,8 @@ STAGES = ("vision", "text", "text-cached", "e2e", "e2e-png", "tensors-exact", "t
 DEFAULT_STAGES = STAGES[:5]  # the tensors stages are asked for by name (RL reward loops, the GPU acceptance)
 VISION_BATCHES = 4  # batches per timed vision call on a backend that keeps more than one in flight
 TENSOR_SIZE = 512  # tensors stages: uint8 RGB generations of this size, as an RL loop holds them
+GPU_MEMORY_TARGET_MB = 3 * 1024  # the reward's device memory (vision fp16 + text: weights + workspace) ...
+GPU_MEMORY_TARGET_BATCH = 64  # ... at this batch size; a target until a GPU run records the figures
 BENCH_PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
     "a cozy cabin in the snowy mountains at dusk, warm light in the windows, highly detailed",
@@ -234,6 +256,13 @@ class Row:
     vs_torch_fp32: float | None = None  # items_per_s over the torch fp32 row's (with_torch_ratios); CPU rows only
     vs_torch_bf16: float | None = None  # the same against torch bf16 autocast
     runs: str | None = None  # what the kernels really ran, where it differs from `precision` (base.effective_precision)
+    gpu_weights_mb: float | None = None  # cuda rows: device memory in use after the backend opened minus before
+    gpu_workspace_mb: float | None = None  # cuda rows: peak during the cell's calls minus just before them
+    colocated_items_per_s: float | None = None  # colocate: the cell's items/s beside the stand-in trainer
+    workload_alone_iters_per_s: float | None = None  # colocate: the stand-in's iterations/s alone, just before
+    workload_colocated_iters_per_s: float | None = None  # colocate: its iterations/s while the cell ran
+    colocated_slowdown: float | None = None  # colocate: alone / colocated (1.0: the trainer untouched)
+    colocated_error: str | None = None  # colocate: what the contended part raised (the uncontended figures stand)
 
 
 # The ratio fields of a row and the torch precision each compares against.
@@ -349,7 +378,7 @@ def device_clock(backend: Backend) -> Callable[[], float]:
 
 def time_calls(fns: Sequence[Callable[[], object]], min_calls: int, min_seconds: float,
                clocks: Sequence[Callable[[], float]] | None = None,
-               errors: list[BaseException | None] | None = None) -> list[list[float]]:
+               errors: list[BaseException | None] | None = None, warm_up: bool = True) -> list[list[float]]:
     """Seconds per call of each fn, after one warm-up call each, timed in round-robin rounds; a fn
     leaves the rounds once it has at least min_calls calls and min_seconds in total. Interleaving
     makes a slow drift in the machine's speed (a busy neighbour, clock changes) hit every fn alike,
@@ -357,7 +386,8 @@ def time_calls(fns: Sequence[Callable[[], object]], min_calls: int, min_seconds:
 
     errors: without it, the first exception propagates. Given a list, it receives one entry per fn:
     None, or the Exception that fn (or its clock) raised, warming up or timed; that fn leaves the rounds
-    with no times (a failed cell, not a shorter measurement) and the others go on."""
+    with no times (a failed cell, not a shorter measurement) and the others go on. warm_up=False: no
+    warm-up call (the caller made one)."""
     clocks = clocks or [time.perf_counter] * len(fns)
     failed: list[BaseException | None] = [None] * len(fns)
     times: list[list[float]] = [[] for _ in fns]
@@ -378,7 +408,7 @@ def time_calls(fns: Sequence[Callable[[], object]], min_calls: int, min_seconds:
     def wants_more(i: int) -> bool:
         return failed[i] is None and (len(times[i]) < min_calls or sum(times[i]) < min_seconds)
 
-    for i in range(len(fns)):
+    for i in range(len(fns) if warm_up else 0):
         call(i, timed=False)
     while any(wants_more(i) for i in range(len(fns))):
         for i in range(len(fns)):
@@ -390,16 +420,51 @@ def time_calls(fns: Sequence[Callable[[], object]], min_calls: int, min_seconds:
 
 
 def row_from_times(backend: Backend, stage: str, batch: int, items_per_call: int, times: list[float], peak: float,
-                   gpu_peak: float | None = None, options: str = "", requested: str | None = None) -> Row:
-    """The row of one measured cell; a vision call's time is shared by its batches, so its p50/p95 are per batch."""
+                   gpu_peak: float | None = None, options: str = "", requested: str | None = None,
+                   gpu_base: float | None = None) -> Row:
+    """The row of one measured cell; a vision call's time is shared by its batches, so its p50/p95 are per batch.
+    gpu_base: the device memory in use just before the cell's calls (its workspace: gpu_peak minus it)."""
     ms = np.array(times) * 1000 / (items_per_call // batch if stage == "vision" else 1)
-    gpu = round(gpu_peak) if gpu_peak is not None and backend.device == "cuda" else None
+    cuda = gpu_peak is not None and backend.device == "cuda"
     runs = effective_precision(backend)
-    return Row(backend.name, backend.precision, backend.device, stage, batch,
-               round(items_per_call * len(times) / sum(times), 3),
-               round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 95)), 3), round(peak), gpu,
-               options=options, requested=requested,
-               runs=None if runs == backend.precision else runs)
+    return Row(backend.name, backend.precision, backend.device, stage, batch, items_rate(items_per_call, times),
+               round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 95)), 3), round(peak),
+               round(gpu_peak) if cuda else None, options=options, requested=requested,
+               runs=None if runs == backend.precision else runs,
+               gpu_workspace_mb=round(gpu_peak - gpu_base) if cuda and gpu_base is not None else None)
+
+
+def items_rate(items_per_call: int, times: Sequence[float]) -> float:
+    return round(items_per_call * len(times) / sum(times), 3)
+
+
+def read_probe(probe: Callable[[], float] | None) -> float | None:
+    """The probe's figure, or None without a probe or where it cannot read (a device in an error state)."""
+    try:
+        return None if probe is None else probe()
+    except Exception:  # noqa: BLE001 - no figure, no crash (as PeakRss)
+        return None
+
+
+def device_memory_added(probe: Callable[[], float] | None, fn: Callable[[], Any]) -> tuple[Any, float | None]:
+    """fn()'s result, and the MiB of device memory in use after it minus before (None where the probe cannot
+    tell): a backend's weights, for the probe of its device (gpu_probe_for)."""
+    before = read_probe(probe)
+    result = fn()
+    after = read_probe(probe)
+    return result, (round(after - before) if before is not None and after is not None else None)
+
+
+def gpu_probe_for(name: str) -> Callable[[], float] | None:
+    """The device memory probe a backend's weights are measured with: None for a CPU backend (or where nothing
+    can read the device). torch-cuda brings torch in first (it is about to), so the probe can read through it
+    where cuda-python is absent."""
+    if name not in BACKENDS or BACKENDS[name].device != "cuda":
+        return None
+    if name == "torch-cuda" and findable("torch"):
+        import torch  # noqa: F401 - gpu_memory_probe reads through an imported torch
+
+    return gpu_memory_probe()
 
 
 def error_text(e: BaseException) -> str:
@@ -500,9 +565,13 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 def time_block(block: Sequence[tuple[PickScorer, str, BenchSpec]], batch: int, inputs: BenchInputs, min_calls: int,
-               min_seconds: float, gpu: Callable[[], float] | None) -> list[Row]:
+               min_seconds: float, gpu: Callable[[], float] | None,
+               workload: colocated.Workload | None = None) -> list[Row]:
     """One row per (scorer, stage, the spec it was opened from) of `block`, timed in the same interleaved rounds; a
-    cell that raises (building its call, warming up or timed) becomes an error row and the others are still measured."""
+    cell that raises (building its call, warming up or timed) becomes an error row and the others are still measured.
+    With a gpu probe, torch's allocator cache is emptied first and the memory in use then is the block's
+    workspace baseline. With a workload (colocate), each measured cell is then timed again beside it
+    (time_colocated)."""
     rows: list[Row | None] = [None] * len(block)
     calls = []  # (position in block, call, items per call)
 
@@ -518,17 +587,58 @@ def time_block(block: Sequence[tuple[PickScorer, str, BenchSpec]], batch: int, i
         except Exception as e:  # noqa: BLE001 - the cell's error
             rows[k] = failed(k, e)
     errors: list[BaseException | None] = []
+    clocks = [device_clock(block[k][0].backend) for k, _, _ in calls]
+    if gpu is not None:
+        release_memory()  # what earlier blocks left in torch's cache goes back: this block's workspace is its own
+    base = read_probe(gpu)
     with PeakRss(gpu) as rss:
-        times = time_calls([call for _, call, _ in calls], min_calls, min_seconds,
-                           [device_clock(block[k][0].backend) for k, _, _ in calls], errors=errors)
+        times = time_calls([call for _, call, _ in calls], min_calls, min_seconds, clocks, errors=errors)
     for (k, _, items), t, error in zip(calls, times, errors):
         scorer, stage, spec = block[k]
         rows[k] = (failed(k, error) if error is not None
                    else row_from_times(scorer.backend, stage, batch, items, t, rss.peak, rss.gpu_peak, spec.options_text,
-                                       spec.requested))
+                                       spec.requested, gpu_base=base))
+    if workload is not None:
+        for (k, call, items), clock in zip(calls, clocks):
+            row = rows[k]
+            if row is not None and row.error is None:
+                time_colocated(row, call, items, clock, workload, min_calls, min_seconds)
     if any(r.error for r in rows if r is not None):
         release_memory()
     return [r for r in rows if r is not None]
+
+
+def opened(backend: Backend) -> Backend:
+    """`backend`, once its device has finished what opening it queued."""
+    backend.synchronize()
+    return backend
+
+
+def time_colocated(row: Row, call: Callable[[], object], items: int, clock: Callable[[], float],
+                   workload: colocated.Workload, min_calls: int, min_seconds: float) -> None:
+    """Fill `row`'s colocated fields: the workload's iterations/s alone (colocated.ALONE_SECONDS, just before),
+    then, with it running, one warm-up call of the cell and at least min_calls calls and max(min_seconds,
+    ALONE_SECONDS) of timed calls, the workload's iterations counted over exactly those. Whatever raises (the
+    cell, or the workload itself) goes to `colocated_error`; the row's uncontended figures stand."""
+    try:
+        alone = workload.alone(colocated.ALONE_SECONDS)
+        errors: list[BaseException | None] = []
+        with workload.running():
+            call()  # warm-up under contention (the workload's loop is already past its first iteration)
+            start = workload.mark()
+            (times,) = time_calls([call], min_calls, max(min_seconds, colocated.ALONE_SECONDS), [clock],
+                                  errors=errors, warm_up=False)
+            end = workload.mark()
+        if errors[0] is not None:
+            raise errors[0]
+    except Exception as e:  # noqa: BLE001 - the colocated part of this cell failed; the others go on
+        row.colocated_error = error_text(e)
+        release_memory()
+        return
+    row.workload_alone_iters_per_s = alone
+    row.workload_colocated_iters_per_s = colocated.iterations_per_s(start, end)
+    row.colocated_slowdown = colocated.slowdown(alone, row.workload_colocated_iters_per_s)
+    row.colocated_items_per_s = items_rate(items, times)
 
 
 def run_bench(artifacts_dir: str | Path, backends: Sequence[BenchSpec | str | tuple], batch_sizes: Sequence[int],
@@ -536,7 +646,7 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[BenchSpec | str | tu
               workers: int | None = None, min_calls: int = 3,
               min_seconds: float = 2.0, n_jpegs: int | None = None, interleave: bool = True,
               progress: Callable[[str], None] = print, output: str | Path | None = None,
-              command: Sequence[str] | None = None, rows: str | Path | None = None) -> dict:
+              command: Sequence[str] | None = None, rows: str | Path | None = None, colocate: bool = False) -> dict:
     """interleave=True: every backend is open at once, and for each batch size every (backend, stage)
     is timed in the same rounds, so backend-vs-backend and e2e-vs-vision ratios hold on a machine
     whose speed drifts; peak_rss_mb is then the whole process's. interleave=False: one backend in
@@ -549,9 +659,16 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[BenchSpec | str | tu
     (default sys.argv). rows: a JSON-lines file (started empty) each row is appended to and flushed as it
     is measured; default: `output` with the suffix .jsonl (none without output).
     backends: BenchSpec, its text (`name[:precision[:option=value,...]]`, or `auto`: resolved_spec) or (name,
-    precision[, options]). Each row carries vs_torch_fp32 / vs_torch_bf16 (with_torch_ratios)."""
+    precision[, options]). Each row carries vs_torch_fp32 / vs_torch_bf16 (with_torch_ratios).
+    colocate: also time every cell beside a stand-in for a trainer's step on the same GPU (the module's
+    docstring); refused (PickScoreError) before anything loads where it cannot run. The stand-in is set up
+    before any backend opens, so its memory is in every baseline."""
     started = time.time()
     backends = [bench_spec(b) for b in backends]
+    workload = None
+    if colocate:
+        colocated.check_colocate()
+        workload = colocated.stand_in_trainer()
     rows_file = Path(rows) if rows is not None else Path(output).with_suffix(".jsonl") if output else None
     if rows_file is not None:
         rows_file.write_text("")
@@ -562,7 +679,7 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[BenchSpec | str | tu
         "started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(threads), "artifacts": str(artifacts_dir), "random_weights": artifacts.random_weights,
         "interleaved": interleave, "n_jpegs_e2e": n_jpegs, "e2e_workers": workers or default_workers(),
-        "complete": False, "rows": []}
+        "colocated_workload": workload.about if workload is not None else None, "complete": False, "rows": []}
     measured: list[tuple[int, Row]] = []  # (index of the backend spec, row): rows sort in --backends order
 
     def publish(new: list[tuple[int, Row]]) -> None:
@@ -591,14 +708,18 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[BenchSpec | str | tu
             for group in groups:
                 scorers: list[tuple[int, PickScorer]] = []
                 spec_of: dict[int, BenchSpec] = {}  # id(scorer) -> the spec it was opened from (auto resolved)
+                weights_of: dict[int, float | None] = {}  # id(scorer) -> device MiB its opening added (cuda backends)
                 shared_cpu_clip: dict[str, Any] = {}  # per group: sequential mode holds one backend at a time
                 for index, asked in group:
                     spec = asked
                     try:
                         spec = resolved_spec(artifacts, asked)
-                        backend = open_backend_spec(artifacts, spec, model_source, threads, shared_cpu_clip)
+                        backend, weights = device_memory_added(
+                            gpu_probe_for(spec.name), lambda: opened(open_backend_spec(artifacts, spec, model_source,
+                                                                                       threads, shared_cpu_clip)))
                         scorers.append((index, PickScorer.from_backend(artifacts, backend, workers=workers)))
                         spec_of[id(scorers[-1][1])] = spec
+                        weights_of[id(scorers[-1][1])] = weights
                     except Exception as e:  # noqa: BLE001 - every cell of this backend is an error row
                         device = BACKENDS[spec.name].device if spec.name in BACKENDS else "-"
                         requested = spec.requested or (AUTO if asked.name == AUTO else None)
@@ -617,7 +738,9 @@ def run_bench(artifacts_dir: str | Path, backends: Sequence[BenchSpec | str | tu
                 for b in batch_sizes:
                     cells = [(scorer, stage, spec_of[id(scorer)]) for stage in stages for _, scorer in scorers]
                     for block in [cells] if interleave else [[cell] for cell in cells]:
-                        timed = time_block(block, b, inputs, min_calls, min_seconds, gpu)  # one per cell, in order
+                        timed = time_block(block, b, inputs, min_calls, min_seconds, gpu, workload)  # one per cell
+                        for r, (scorer, _, _) in zip(timed, block):
+                            r.gpu_weights_mb = weights_of[id(scorer)]
                         publish([(index_of[id(scorer)], r) for r, (scorer, _, _) in zip(timed, block)])
                 for _, scorer in scorers:
                     scorer.close()
@@ -672,25 +795,88 @@ def machine_line(machine: dict) -> str:
             f"{machine.get('threads')} threads; SIMD: {simd}")
 
 
+# Columns the markdown table adds when a run has them: (row field, heading, format)
+GPU_MEMORY_COLUMNS = (("gpu_weights_mb", "GPU weights MB", "{:.0f}"), ("gpu_workspace_mb", "GPU workspace MB", "{:.0f}"))
+COLOCATED_COLUMNS = (("colocated_items_per_s", "colocated items/s", "{:.3f}"),
+                     ("workload_alone_iters_per_s", "trainer it/s alone", "{:.1f}"),
+                     ("workload_colocated_iters_per_s", "trainer it/s colocated", "{:.1f}"),
+                     ("colocated_slowdown", "trainer slowdown", "{:.2f}x"))
+
+
+def gpu_memory_targets(rows: Sequence[dict], limit_mb: float = GPU_MEMORY_TARGET_MB,
+                       batch: int = GPU_MEMORY_TARGET_BATCH) -> list[dict]:
+    """Each fp16 GPU backend of `rows` (by row_label) against the target: its weights plus the largest workspace
+    of its measured cells at `batch` (the towers do not run at once: the peak is the larger one), as {label,
+    weights_mb, workspace_mb, total_mb, within}; total_mb and within are None where a figure is missing."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r.get("device") != "cuda" or r.get("precision") != "fp16":
+            continue
+        entry = out.setdefault(row_label(r), {"label": row_label(r), "weights_mb": None, "workspace_mb": None})
+        if r.get("gpu_weights_mb") is not None:
+            entry["weights_mb"] = r["gpu_weights_mb"]
+        if r.get("batch_size") == batch and not r.get("error") and r.get("gpu_workspace_mb") is not None:
+            entry["workspace_mb"] = max(entry["workspace_mb"] or 0, r["gpu_workspace_mb"])
+    for entry in out.values():
+        known = entry["weights_mb"] is not None and entry["workspace_mb"] is not None
+        entry["total_mb"] = entry["weights_mb"] + entry["workspace_mb"] if known else None
+        entry["within"] = entry["total_mb"] <= limit_mb if known else None
+    return list(out.values())
+
+
+def target_lines(result: dict) -> list[str]:
+    """What the GPU figures are judged against, under the table of a run with GPU rows or --colocate: targets,
+    not results, until a GPU run records them."""
+    rows = result["rows"]
+    lines = []
+    if any(r.get("device") == "cuda" for r in rows):
+        lines += ["", f"Target (not yet recorded on a GPU): the reward's device memory, vision fp16 + text, weights + "
+                      f"workspace at batch {GPU_MEMORY_TARGET_BATCH} <= {GPU_MEMORY_TARGET_MB} MB."]
+        checked = gpu_memory_targets(rows)
+        for e in checked:
+            figures = " + ".join(f"{k.split('_')[0]} unknown" if e[k] is None else f"{e[k]:.0f} MB {k.split('_')[0]}"
+                                 for k in ("weights_mb", "workspace_mb"))
+            verdict = (": not judged" if e["total_mb"] is None
+                       else f" = {e['total_mb']:.0f} MB, {'within' if e['within'] else 'OVER'} the target")
+            lines.append(f"- {e['label']}: {figures}{verdict}")
+        if not checked:
+            lines.append("- no fp16 GPU backend in this run: nothing to judge")
+    workload = result.get("colocated_workload")
+    if workload:
+        lines += ["", f"Colocated: trainer stand-in {workload.get('what')} ({workload.get('tflop_per_iteration')} TFLOP "
+                      f"per iteration); trainer slowdown = its it/s alone / beside the cell (1.00x: untouched). "
+                      f"No target set yet."]
+    return lines
+
+
 def markdown_table(result: dict) -> str:
     """The rows as a markdown table (ratios against torch fp32 / bf16 as "1.93x"), under the machine's line when
-    the result records one."""
+    the result records one. Runs with GPU rows add the GPU memory columns and the memory target under the
+    table (target_lines); runs with --colocate the colocated columns."""
+    rows = result["rows"]
+    colocated_keys = [key for key, _, _ in COLOCATED_COLUMNS] + ["colocated_error"]
+    colocated_run = result.get("colocated_workload") or any(r.get(k) is not None for r in rows for k in colocated_keys)
+    extra = ((GPU_MEMORY_COLUMNS if any(r.get("device") == "cuda" for r in rows) else ())
+             + (COLOCATED_COLUMNS if colocated_run else ()))
     head_lines = [machine_line(result["machine"]), ""] if result.get("machine") else []
     lines = head_lines + [
         "| backend | precision | options | device | stage | batch | items/s | vs torch fp32 | vs torch bf16 | p50 ms | p95 ms "
-        "| peak RSS MB | GPU MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in with_torch_ratios(result["rows"]):
+        "| peak RSS MB | GPU MB |" + "".join(f" {heading} |" for _, heading, _ in extra),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
+    for r in with_torch_ratios(rows):
         backend = f"{r['backend']} ({r['requested']})" if r.get("requested") else r["backend"]
         precision = f"{r['precision']} (runs {r['runs']})" if r.get("runs") else r["precision"]
         head = (f"| {backend} | {precision} | {r.get('options') or '-'} | {r.get('device', 'cpu')} | {r['stage']} | "
                 f"{r['batch_size']} |")
         if r.get("error"):
             error = r["error"].replace("|", "\\|")
-            lines.append(f"{head} error: {error} | - | - | - | - | - | - |")
+            lines.append(f"{head} error: {error} | - | - | - | - | - | -" + " | -" * len(extra) + " |")
             continue
         ratios = " | ".join("-" if r[key] is None else f"{r[key]:.2f}x" for key in TORCH_REFERENCES)
         gpu = "-" if r.get("gpu_mem_mb") is None else f"{r['gpu_mem_mb']:.0f}"
+        cells = ["-" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in extra]
+        if r.get("colocated_error"):
+            cells[len(extra) - len(COLOCATED_COLUMNS)] = "error: " + r["colocated_error"].replace("|", "\\|")
         lines.append(f"{head} {r['items_per_s']:.3f} | {ratios} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | "
-                     f"{r['peak_rss_mb']:.0f} | {gpu} |")
-    return "\n".join(lines)
+                     f"{r['peak_rss_mb']:.0f} | {gpu} |" + "".join(f" {c} |" for c in cells))
+    return "\n".join(lines + target_lines(result))

@@ -1,13 +1,14 @@
 """The reward function RL trainers for diffusion models call, in process:
-`reward_fn(images, prompts, metadata) -> (rewards, info)` (DDPO-style; GRPO-style loops wrap the same).
+`reward_fn(images, prompts, metadata) -> (rewards, info)` (DDPO / flow_grpo style), and
+`reward_fn.submit(images, prompts) -> Future` to score while the next rollout runs.
 
-`images` is what a trainer has: one batch tensor (DDPO hands over float NCHW in [0, 1], usually on the
-GPU), or a list of images (PIL, uint8 arrays, encoded bytes, paths). rewards: float32 [N] PickScore
-scores (scale * cosine), one prompt per image. info: per-image errors, backend, precision,
-random_weights. An image that cannot be scored (undecodable, or a tower returned NaN or Inf for it or
-its prompt) raises RewardError naming it, or with on_error="nan" is NaN with its reason in info["errors"].
-The server's `pickscore_runtime.server.ServerReward` has the same signature and info,
-so a trainer can switch between scoring in process and scoring on a server without other changes.
+`images` is what a trainer has: one batch tensor (float NCHW in [0, 1], usually on the GPU; uint8;
+NHWC), or a list of images (PIL, uint8 arrays, encoded bytes, paths). `prompts`: one per image, or one
+str for all. The trainer's conventions (divide by 26, round or truncate to uint8) are options
+(reward_base.RewardConventions, by trainer name in TRAINERS). A tensor that requires grad is scored
+detached, under no-grad: a reward is never back-propagated through.
+The server's `pickscore_runtime.server.ServerReward` has the same signature, info and submit, so a
+trainer can switch between scoring in process and on a server without other changes.
 """
 
 from __future__ import annotations
@@ -17,37 +18,62 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import NonFiniteError, RewardError
+from .reward_base import DEFAULT_MAX_PENDING, TRAINERS, RewardConventions, RewardFunction, prompts_for
 from .scorer import PickScorer
-from .tensor_images import is_tensor_batch
+from .tensor_images import batch_length, is_tensor_batch
 
-__all__ = ["PickScoreReward", "RewardError"]
+__all__ = ["PickScoreReward", "RewardConventions", "RewardError", "TRAINERS", "jpeg_score_shift"]
 
 
-class PickScoreReward:
-    def __init__(self, scorer: PickScorer, mode: str = "exact", on_error: str = "raise"):
-        """mode: how tensors are preprocessed ("exact" or "fast", see PickScorer.score_tensors).
-        on_error: "raise" (any failed image raises RewardError) or "nan" (its reward is NaN, the reason
-        in info["errors"])."""
-        if on_error not in ("raise", "nan"):
-            raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
-        self.scorer, self.mode, self.on_error = scorer, mode, on_error
+class PickScoreReward(RewardFunction):
+    def __init__(self, scorer: PickScorer, conventions: RewardConventions | str | None = None, *,
+                 mode: str | None = None, quantize: str | None = None, on_error: str = "raise",
+                 max_pending: int = DEFAULT_MAX_PENDING):
+        """conventions: a trainer's name ("flow_grpo", "ddpo", "verl_omni", "cosmos_rl", "pickscore") or a
+        RewardConventions; mode / quantize override its fields. on_error: "raise" (a failed image raises
+        RewardError) or "nan" (its reward is NaN, the reason in info["errors"]). max_pending: batches
+        `submit` queues before it blocks."""
+        super().__init__(conventions, on_error, max_pending, mode=mode, quantize=quantize)
+        self.scorer = scorer
 
-    def __call__(self, images: Any, prompts: Sequence[str], metadata: Any = None) -> tuple[np.ndarray, dict]:
-        prompts = list(prompts)
+    def raw(self, images: Any, prompts: str | Sequence[str]) -> tuple[np.ndarray, list[str | None], dict]:
+        c = self.conventions
         if is_tensor_batch(images):
+            prompts = prompts_for(prompts, batch_length(images))
             try:
-                rewards = self.scorer.score_tensors(prompts, images, self.mode)
-                errors: list[str | None] = [None] * len(rewards)
+                scores = self.scorer.score_tensors(prompts, images, c.mode, c.layout, c.quantize)
+                errors: list[str | None] = [None] * len(scores)
             except NonFiniteError as e:
-                rewards, errors = e.scores, [e.reasons.get(i) for i in range(len(e.scores))]
+                scores, errors = e.scores, [e.reasons.get(i) for i in range(len(e.scores))]
         else:
             images = list(images)
-            if len(images) != len(prompts):
-                raise ValueError(f"one prompt per image: {len(images)} images but {len(prompts)} prompts")
+            prompts = prompts_for(prompts, len(images))
             embs, failed = self.scorer.pipeline().embed(images)
             text = self.scorer.text.encode(prompts).embeddings
-            rewards, errors = self.scorer.assembler.paired_results(text, embs, {i: e.reason for i, e in failed.items()})
-        RewardError.raise_for(errors, self.on_error)
+            scores, errors = self.scorer.assembler.paired_results(text, embs, {i: e.reason for i, e in failed.items()})
         backend = self.scorer.backend
-        return rewards, {"errors": errors, "backend": backend.name, "precision": backend.precision,
-                         "random_weights": self.scorer.random_weights}
+        return scores, errors, {"backend": backend.name, "precision": backend.precision,
+                                "random_weights": self.scorer.random_weights}
+
+
+def jpeg_score_shift(scorer: PickScorer, images: Any, prompts: str | Sequence[str], quality: int = 75) -> dict:
+    """How much sending `images` as JPEG at `quality` (Pillow's default 75: flow_grpo's and verl-omni's
+    clients; DDPO's llava client uses 80) moves their scores on this scorer's weights: the same uint8
+    pixels scored as they are and after a JPEG round trip. {"quality", "n", "max_abs", "mean_abs",
+    "p99_abs"} in raw PickScore units (divide by 26 for flow_grpo's)."""
+    import io
+
+    from PIL import Image
+
+    from .tensor_images import host_uint8_batch
+
+    u8 = host_uint8_batch(images) if is_tensor_batch(images) else np.stack([np.asarray(x) for x in images])
+    prompts = prompts_for(prompts, len(u8))
+    jpegs = []
+    for image in u8:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+        jpegs.append(np.asarray(Image.open(buffer).convert("RGB")))
+    shift = np.abs(scorer.score_tensors(prompts, np.stack(jpegs)) - scorer.score_tensors(prompts, u8))
+    return {"quality": quality, "n": int(len(shift)), "max_abs": float(shift.max()), "mean_abs": float(shift.mean()),
+            "p99_abs": float(np.percentile(shift, 99))}

@@ -170,20 +170,21 @@ class PickScorer:
             raise ImageError(image_name(images[bad], bad), VISION_NONFINITE)
         return embs
 
-    def embed_tensors(self, images: Any, mode: str = "exact", layout: str = "auto") -> np.ndarray:
+    def embed_tensors(self, images: Any, mode: str = "exact", layout: str = "auto", quantize: str = "round") -> np.ndarray:
         """L2-normalised embeddings [N, D] of a batch that is already an array or tensor (see score_tensors);
         raises ImageError naming an item the vision tower returned non-finite. On a GPU backend a batch on
         the GPU stays there: preprocessing and the vision engine read it in place."""
-        embs = self._tensor_embeddings(images, mode, layout)
+        embs = self._tensor_embeddings(images, mode, layout, quantize)
         bad = first_nonfinite_row(embs)
         if bad is not None:
             raise ImageError(f"#{bad} (tensor)", VISION_NONFINITE)
         return embs
 
-    def _tensor_embeddings(self, images: Any, mode: str = "exact", layout: str = "auto") -> np.ndarray:
+    def _tensor_embeddings(self, images: Any, mode: str = "exact", layout: str = "auto",
+                           quantize: str = "round") -> np.ndarray:
         """embed_tensors without its check: rows the vision tower returned non-finite stay in, for callers
         that make them per-item errors (score_tensors, score)."""
-        pixels = self.tensors(images, mode, layout)
+        pixels = self.tensors(images, mode, layout, quantize)
         if not isinstance(pixels, np.ndarray) and not (self.backend.device == "cuda" and pixels.is_cuda):
             pixels = pixels.cpu().numpy()  # a CPU backend, or a CPU tensor
         return self.embed_pixels(pixels)
@@ -200,11 +201,13 @@ class PickScorer:
 
     # ---- scoring ------------------------------------------------------------------------------
     def score_tensors(self, prompts: str | Sequence[str], images: Any, mode: str = "exact",
-                      layout: str = "auto") -> np.ndarray:
+                      layout: str = "auto", quantize: str = "round") -> np.ndarray:
         """The RL reward: per-image scores, float32 [N], for a batch that is already an array or tensor
         (numpy, torch on the CPU or a GPU, anything with DLPack; uint8 or float in [0, 1]; NCHW or NHWC;
         any size). `prompts`: one per image, or one for all. mode "exact" follows PIL's arithmetic (equal
         to scoring the same pixels from a PNG file); "fast" resizes with the device's bicubic + antialias.
+        quantize: exact mode's float -> uint8 step, "round" (round(x * 255), as saving a PNG) or "truncate"
+        ((x * 255).to(uint8), as some trainers write it).
         Where a tower returns NaN or Inf for some items, raises NonFiniteError naming them; its `scores`
         holds the others' scores (NaN at its `failed` indices)."""
         n = batch_length(images) if hasattr(images, "shape") else len(images)
@@ -212,7 +215,7 @@ class PickScorer:
         if len(prompts) != n:
             raise ValueError(f"one prompt per image (or one for all): {n} images but {len(prompts)} prompts")
         text = self.text.encode(prompts).embeddings  # first: a bad prompt fails before any image work
-        scores, reasons = self.assembler.paired_results(text, self._tensor_embeddings(images, mode, layout))
+        scores, reasons = self.assembler.paired_results(text, self._tensor_embeddings(images, mode, layout, quantize))
         failed = {i: why for i, why in enumerate(reasons) if why is not None}
         if failed:
             raise NonFiniteError(failed, scores)

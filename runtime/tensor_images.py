@@ -3,7 +3,9 @@ anything with DLPack; uint8 or float in [0, 1]; NCHW or NHWC; any size -> CLIP p
 float32, on the device the batch lives on.
 
 Two modes:
-- `exact`: quantise to uint8 as saving the image would (round(x * 255)), then follow PIL's arithmetic:
+- `exact`: quantise to uint8 as the trainers do before saving or scoring an image: `(x * 255).round()`, or,
+  with quantize="truncate", `(x * 255).to(uint8)`, in the batch's own dtype as they compute it (a bf16
+  batch's product is a bf16), then follow PIL's arithmetic:
   its fixed-point bicubic resize with an 8-bit intermediate (resample.py), centre crop, x / 255 in
   float64, normalise. Scores equal the file path's (a PNG of the same pixels) within fp32 tolerance. On
   the host the resize is PIL itself; on a GPU the same integer arithmetic runs as float64 matrices.
@@ -27,6 +29,7 @@ from .preprocess import PreprocessConfig, Preprocessor
 from .resample import crop_box, horizontal_first, output_size, pil_weights, resample_axis
 
 MODES = ("exact", "fast")
+QUANTIZE = ("round", "truncate")  # float -> uint8: (x * 255).round() (as saved), or (x * 255).to(uint8)
 TORCH_CHUNK = 16
 LAYOUTS = ("auto", "NCHW", "NHWC")
 WEIGHT_CACHE_SIZE = 16  # crop_weights entries: two per image size (and device); crop x size float64 (1.8 MB at 1024 px)
@@ -125,25 +128,54 @@ def check_values(xp: Any, batch: Any, integer: bool) -> None:
                                            f"{float(high[i]):.4g}] (pass uint8, or scale it)")
 
 
-def quantised_nhwc(batch: np.ndarray, nhwc: bool) -> np.ndarray:
+def check_quantize(quantize: str, mode: str = "exact") -> None:
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if quantize == "truncate" and mode != "exact":
+        raise ValueError("quantize='truncate' needs mode='exact': the fast mode has no uint8 step to truncate in")
+
+
+def quantised(batch: Any, quantize: str) -> Any:
+    """A float batch in [0, 1] (checked) as uint8, numpy or torch: `(x * 255).round()` or, truncating,
+    `(x * 255)` cast to uint8, both in the batch's own dtype, as trainers write it."""
+    if isinstance(batch, np.ndarray):
+        scaled = batch * batch.dtype.type(255)
+        return (np.rint(scaled) if quantize == "round" else scaled).astype(np.uint8)
+    import torch
+
+    scaled = batch * 255
+    return (scaled.round() if quantize == "round" else scaled).to(torch.uint8)
+
+
+def quantised_nhwc(batch: np.ndarray, nhwc: bool, quantize: str = "round") -> np.ndarray:
     """A host batch as checked uint8 NHWC: exact mode's first step (what PIL would have been given)."""
+    check_quantize(quantize)
     integer = batch.dtype == np.uint8
     if not integer and not np.issubdtype(batch.dtype, np.floating):
         raise ImageError("batch", f"images must be uint8 or float in [0, 1], got dtype {batch.dtype}")
     check_values(np, batch, integer)
     if not nhwc:
         batch = batch.transpose(0, 2, 3, 1)
-    return batch if integer else np.rint(batch.astype(np.float64) * 255).astype(np.uint8)
+    return batch if integer else quantised(batch, quantize)
 
 
-def host_uint8_batch(images: Any, layout: str = "auto") -> np.ndarray:
+def host_uint8_batch(images: Any, layout: str = "auto", quantize: str = "round") -> np.ndarray:
     """Any tensor batch (numpy, torch on any device, DLPack) as checked host uint8 NHWC, quantised as
     exact mode quantises: what a client sends to a server so that both ends score the same pixels."""
+    check_quantize(quantize)
     batch = _as_native(images)
     if is_torch_tensor(batch):
-        batch = batch.cpu()
-        batch = (batch.float() if batch.is_floating_point() else batch).numpy()
-    return quantised_nhwc(batch, checked_layout(batch, layout))
+        import torch
+
+        nhwc = checked_layout(batch, layout)
+        if batch.dtype != torch.uint8:
+            if not batch.is_floating_point():
+                raise ImageError("batch", f"images must be uint8 or float in [0, 1], got dtype {batch.dtype}")
+            with torch.no_grad():
+                check_values(torch, batch, False)
+                batch = quantised(batch, quantize)  # on its device, in its dtype
+        return (batch if nhwc else batch.permute(0, 2, 3, 1)).cpu().contiguous().numpy()
+    return quantised_nhwc(batch, checked_layout(batch, layout), quantize)
 
 
 class TensorPreparer:
@@ -155,10 +187,12 @@ class TensorPreparer:
         self.config = config
         self._pil = Preprocessor(config)
 
-    def __call__(self, images: Any, mode: str = "exact", layout: str = "auto") -> Any:
-        """[N, 3, S, S] float32: numpy for host input, a torch tensor on the input's device for torch input."""
+    def __call__(self, images: Any, mode: str = "exact", layout: str = "auto", quantize: str = "round") -> Any:
+        """[N, 3, S, S] float32: numpy for host input, a torch tensor on the input's device for torch input.
+        quantize: how exact mode turns float pixels into uint8 (QUANTIZE)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_quantize(quantize, mode)
         batch = _as_native(images)
         nhwc, n = checked_layout(batch, layout, self._pil), batch.shape[0]
         if is_torch_tensor(batch):
@@ -170,12 +204,13 @@ class TensorPreparer:
             with torch.no_grad():  # not inference_mode: its tensors could not enter the caller's autograd later
                 check_values(torch, batch, integer)
                 # float64 intermediates: bound the memory of a large batch of large images
-                return torch.cat([self._torch(batch[i:i + TORCH_CHUNK], nhwc, mode, integer) for i in range(0, n, TORCH_CHUNK)])
-        return self._numpy(batch, nhwc, mode)
+                return torch.cat([self._torch(batch[i:i + TORCH_CHUNK], nhwc, mode, integer, quantize)
+                                  for i in range(0, n, TORCH_CHUNK)])
+        return self._numpy(batch, nhwc, mode, quantize)
 
     # ---- host ---------------------------------------------------------------------------------
-    def _numpy(self, batch: np.ndarray, nhwc: bool, mode: str) -> np.ndarray:
-        u8 = quantised_nhwc(batch, nhwc)
+    def _numpy(self, batch: np.ndarray, nhwc: bool, mode: str, quantize: str) -> np.ndarray:
+        u8 = quantised_nhwc(batch, nhwc, quantize)
         if u8.shape[3] == 1:
             u8 = u8[..., 0]
         from PIL import Image
@@ -186,7 +221,7 @@ class TensorPreparer:
                          for i, img in enumerate(u8)])
 
     # ---- torch (CPU or GPU) -------------------------------------------------------------------
-    def _torch(self, batch: Any, nhwc: bool, mode: str, integer: bool) -> Any:
+    def _torch(self, batch: Any, nhwc: bool, mode: str, integer: bool, quantize: str) -> Any:
         import torch
 
         x = batch.permute(0, 3, 1, 2) if nhwc else batch
@@ -197,7 +232,7 @@ class TensorPreparer:
         tw, th = output_size(w, h, cfg.shortest_edge)
         top, left = crop_box((tw, th), cfg.crop_size)
         if mode == "exact":
-            x = x.to(torch.float64) if integer else torch.round(x.to(torch.float64) * 255)
+            x = (x if integer else quantised(x, quantize)).to(torch.float64)
             # Pillow's two passes in Pillow's order, each computing only the rows / columns the crop keeps.
             passes = [(3, w, tw, left), (2, h, th, top)]
             for axis, size, target, start in passes if horizontal_first(w, h, tw, th) else passes[::-1]:

@@ -31,8 +31,11 @@ from pickscore_runtime.bench import (DEFAULT_STAGES, PRESETS, STAGES, VISION_BAT
 from pickscore_runtime.cli import main
 from pickscore_runtime.errors import PickScoreError
 
+GPU_AND_COLOCATED_KEYS = {"gpu_weights_mb", "gpu_workspace_mb",  # cuda rows; --colocate (tests/test_colocated.py)
+                          "colocated_items_per_s", "workload_alone_iters_per_s", "workload_colocated_iters_per_s",
+                          "colocated_slowdown", "colocated_error"}
 ROW_KEYS = {"backend", "precision", "device", "stage", "batch_size", "items_per_s", "p50_ms", "p95_ms", "peak_rss_mb",
-            "gpu_mem_mb", "error", "options", "requested", "vs_torch_fp32", "vs_torch_bf16", "runs"}
+            "gpu_mem_mb", "error", "options", "requested", "vs_torch_fp32", "vs_torch_bf16", "runs"} | GPU_AND_COLOCATED_KEYS
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +53,8 @@ def test_bench_rows_table_and_plot(tiny_artifacts, tmp_path):
     assert len(rows) == 4 * len(DEFAULT_STAGES) * 2
     assert all(set(r) == ROW_KEYS and r["items_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] for r in rows)
     assert all(r["gpu_mem_mb"] is None and r["error"] is None for r in rows)  # CPU backends have no device memory figure
+    assert all(r[key] is None for r in rows for key in GPU_AND_COLOCATED_KEYS)  # nor weights, workspace, colocated figures
+    assert result["colocated_workload"] is None
     assert result["random_weights"] is True and result["machine"]["cores"] >= 1 and result["e2e_workers"] == 1
     assert isinstance(result["machine"]["simd"], list)  # int8 and bf16 speeds hinge on the CPU's SIMD flags
     assert result["machine"]["cpu"] and result["machine"]["usable_cores"] >= 1

@@ -132,7 +132,8 @@ def test_reward_function_in_process(tiny_scorer, tmp_path):
     prompts = ["a cat", "a dog", "a fish"]
     rewards, info = reward_fn(ddpo, prompts, [{}] * 3)
     np.testing.assert_allclose(rewards, tiny_scorer.score_tensors(prompts, u8), atol=1e-5)
-    assert set(info) == {"errors", "backend", "precision", "random_weights"} and info["errors"] == [None] * 3
+    assert set(info) == {"errors", "backend", "precision", "random_weights", "raw_scores", "conventions", "timings"}
+    assert info["errors"] == [None] * 3 and np.array_equal(info["raw_scores"], rewards)  # model card: not divided
     listed, _ = reward_fn([Image.fromarray(u8[0]), u8[1], u8[2]], prompts, None)
     np.testing.assert_allclose(listed, rewards, atol=1e-5)
     broken = tmp_path / "broken.png"

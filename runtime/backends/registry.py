@@ -30,7 +30,7 @@ def _missing(*modules: str) -> str | None:
     return f"{', '.join(absent)} not installed" if absent else None
 
 
-def _no_nvidia_gpu() -> str | None:
+def no_nvidia_gpu() -> str | None:
     """Without importing any CUDA library: is there an NVIDIA driver with a device?"""
     if os.path.exists("/proc/driver/nvidia/gpus") and os.listdir("/proc/driver/nvidia/gpus"):
         return None
@@ -49,13 +49,13 @@ def _probe_onnx_cuda() -> str | None:
         return "onnxruntime-gpu not installed"  # runnable_backend adds its extra, [gpu]
     from .onnxruntime import cuda_provider_missing
 
-    return cuda_provider_missing() or _no_nvidia_gpu()  # onnxruntime-gpu lists its provider without a GPU
+    return cuda_provider_missing() or no_nvidia_gpu()  # onnxruntime-gpu lists its provider without a GPU
 
 
 def _probe_tensorrt() -> str | None:
     # cuda.bindings, not cuda: any cuda.* namespace package (cuda-pathfinder, cuda-core, cuda-python 12.6.0,
     # which has no bindings) provides `cuda`
-    return _no_nvidia_gpu() or _missing("tensorrt", ("cuda.bindings", "cuda-python>=12.6.1 (cuda.bindings)"))
+    return no_nvidia_gpu() or _missing("tensorrt", ("cuda.bindings", "cuda-python>=12.6.1 (cuda.bindings)"))
 
 
 def _probe_openvino() -> str | None:
@@ -67,7 +67,7 @@ def _probe_torch() -> str | None:
 
 
 def _probe_torch_cuda() -> str | None:
-    reason = _no_nvidia_gpu() or _probe_torch()
+    reason = no_nvidia_gpu() or _probe_torch()
     if reason is None:
         import torch
 

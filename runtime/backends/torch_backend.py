@@ -22,6 +22,14 @@ Options (the registry declares them):
 Tensors already on the device are used as they are (no host round trip), detached (an RL loop's
 generations carry gradients). This module imports torch; it is imported only when one of these backends
 is chosen.
+
+No process-wide torch setting is changed, so the reward can live in a trainer's process (colocated on its
+GPU): grad mode, inference mode and autocast are entered per call and left; fp32 on the GPU gives the
+caller's TF32 flags back after each call; scoring draws nothing from torch's RNG. One exception, asked for by name:
+`threads=N` on the CPU backend `torch` calls torch.set_num_threads(N), which is process-wide (torch has no
+per-model thread count), so it changes the threads of every torch computation in the process; without
+`threads` (the default) it is left alone. `torch-cuda` ignores `threads` (its work is on the GPU) and
+never calls it. tests/test_torch_state.py checks all of this on the CPU.
 """
 
 from __future__ import annotations
@@ -70,7 +78,7 @@ class TorchBackend(BackendBase):
         if cuda_graphs and self.device != "cuda":
             raise ValueError("cuda_graphs needs the GPU: backend torch-cuda")
         self.specs = clip_specs(clip)  # what BackendBase checks inputs against: the towers' own dims
-        if threads:
+        if threads and self.device == "cpu":  # process-wide (torch has no per-model threads): only when asked
             torch.set_num_threads(threads)
         self._numerics = numerics(self.device, precision)  # fp32 on the GPU: the reference's arithmetic, per call
         use_sdpa(clip)
@@ -117,8 +125,11 @@ class TorchBackend(BackendBase):
         return as_tensor(pixel_values).detach().to(self.device, dtype=self._input_dtype, non_blocking=True)
 
     def synchronize(self) -> None:
+        """Wait for the caller's current CUDA stream, where this backend queues all its work (copies, towers,
+        graph replays): not for the whole device, so a trainer's kernels on streams of its own are not waited
+        for (bench --colocate times the reward beside them)."""
         if self.device == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
 
     def close(self) -> None:
         self._towers = {}

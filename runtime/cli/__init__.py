@@ -18,7 +18,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from ..argtypes import backend_option, csv_list, path_or_uri, positive_int
+from ..argtypes import backend_option, csv_list, path_or_uri, positive_float, positive_int
 from ..backends import BACKENDS
 from ..bench import DEFAULT_STAGES as BENCH_DEFAULT_STAGES
 from ..bench import PRESETS as BENCH_PRESETS
@@ -231,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true",
                    help="open one backend at a time (per-backend peak memory) instead of timing all of them in "
                         "interleaved rounds (honest ratios on a machine whose speed drifts; the default)")
+    p.add_argument("--colocate", action="store_true",
+                   help="also time every cell beside a stand-in for a trainer's step on the same GPU (a bf16 8192x8192 "
+                        "matmul loop on its own CUDA stream, in a background thread): its iterations/s alone and during "
+                        "the cell (colocated_slowdown) and the cell's items/s under contention (needs an NVIDIA GPU and a "
+                        "CUDA build of torch; refused up front elsewhere)")
     p.add_argument("--output", type=Path, metavar="FILE",
                    help="write rows, commit, command and machine here as JSON (rewritten as each block is measured; each "
                         "row is also appended to FILE with a .jsonl suffix as it is measured)")
@@ -279,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images (and prompts) in one request at most, 413 above it (default 1024)")
     p.add_argument("--api-key-file", type=Path, default=None, metavar="F",
                    help="require `Authorization: Bearer KEY` with a key from this file (one per line)")
+    p.add_argument("--reward-divide-by", type=positive_float, default=26.0, metavar="D",
+                   help="the trainers' wire formats (POST / and /score, cosmos-rl's /api/reward/*) answer score / D, "
+                        "as flow_grpo, verl-omni and cosmos-rl divide (default 26; 1 for raw scores)")
+    p.add_argument("--result-ttl-s", type=positive_float, default=600.0, metavar="S",
+                   help="cosmos-rl's /api/reward/pull: keep a ready result S seconds (default 600)")
     ray = p.add_argument_group("replicas on Ray Serve (needs [serve-ray])")
     ray.add_argument("--ray", metavar="ADDRESS", default=None,
                      help="run as a Ray Serve deployment: 'local' starts a local Ray, else a cluster address ('auto', ray://...)")

@@ -66,7 +66,10 @@ def cmd_verify(args: Any) -> int:
 
 def cmd_bench(args: Any) -> int:
     from ..bench import DEFAULT_STAGES, markdown_table, plot, preset, run_bench
+    from ..colocated import check_colocate
 
+    if args.colocate:
+        check_colocate()  # before the model, the artifacts or any backend loads
     if args.plot:
         require("matplotlib", "bench --plot", extra="bench")  # before the bench, not after it
     source = model_source(export_tools("the torch backends", ("torch", "transformers"), "torch"), args) \
@@ -82,7 +85,8 @@ def cmd_bench(args: Any) -> int:
         setting(args.stages, chosen and list(chosen.stages), DEFAULT_STAGES), model_source=source, threads=args.threads,
         workers=args.workers, min_calls=setting(args.min_calls, chosen and chosen.min_calls, 3),
         min_seconds=setting(args.min_seconds, chosen and chosen.min_seconds, 2.0), interleave=not args.sequential,
-        n_jpegs=setting(args.e2e_images, chosen and chosen.e2e_images, None), progress=say, output=args.output)
+        n_jpegs=setting(args.e2e_images, chosen and chosen.e2e_images, None), progress=say, output=args.output,
+        colocate=args.colocate)
     table = markdown_table(result)
     print(table)
     if args.markdown:

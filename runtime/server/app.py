@@ -13,14 +13,18 @@ route, wrong method) included, has the documented shape `{"error": {"message", "
 # imported lazily inside build_app) as objects.
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from typing import Any
+from uuid import uuid4
 
 from .. import __version__
 from ..optional import require
+from . import cosmos
 from .auth import authorized
 from .http_errors import BadRequest, PayloadTooLarge, RequestRefused, RequestTimeout, ShuttingDown, Unauthorized, refusal_for
+from .protocols import JSON as JSON_MEDIA
 from .protocols import PROTOCOLS, Protocol
 from .service import PickScoreService
 
@@ -140,8 +144,61 @@ def build_app(service: PickScoreService, *, load_on_startup: bool = False) -> An
     app.add_exception_handler(Exception, internal)
 
     for protocol in PROTOCOLS.values():
-        app.add_api_route(protocol.path, endpoint(protocol), methods=["POST"], name=protocol.name,
-                          summary=f"{protocol.name} ({protocol.media_type})")
+        for path in (protocol.path, *protocol.aliases):
+            app.add_api_route(path, endpoint(protocol), methods=["POST"], name=f"{protocol.name} {path}",
+                              summary=f"{protocol.name} ({protocol.media_type})")
+
+    # ---- cosmos-rl: enqueue now, pull the result later -------------------------------------------------
+    results = cosmos.ResultStore(config.result_ttl_s)
+    background: set[asyncio.Task] = set()  # held, so that a running task is never garbage-collected
+
+    async def score_later(uuid: str, parsed: Any, place: contextlib.ExitStack) -> None:
+        with place:  # the request keeps its place in the queue until it is scored
+            try:
+                job = await service.embed(parsed.prompts, parsed.images, parsed.image_index)
+                results.finish(uuid, 200, await in_thread(cosmos.render_result, parsed, job, service.context))
+            except RequestRefused as e:
+                results.finish(uuid, e.status, json.dumps(e.body()).encode())
+            except Exception as e:  # noqa: BLE001 - reported to whoever pulls it
+                log.exception("internal error scoring %s", uuid)
+                failure = RequestRefused(f"internal error: {type(e).__name__}: {e}")
+                results.finish(uuid, failure.status, json.dumps(failure.body()).encode())
+
+    @app.post(cosmos.ENQUEUE_PATH)
+    async def cosmos_enqueue(request: Request):
+        started, place = time.perf_counter(), contextlib.ExitStack()
+        try:
+            check_auth(request)
+            service.check_open()
+            body = await read_body(request, config.max_body_bytes, config.body_timeout_s)
+            place.enter_context(service.admitted(arrived_ready=True))
+            parsed = await in_thread(cosmos.parse_enqueue, body, config.max_images)
+            uuid = str(uuid4())
+            results.add_pending(uuid)
+            task = asyncio.create_task(score_later(uuid, parsed, place.pop_all()))
+            background.add(task)
+            task.add_done_callback(background.discard)
+            response = JSONResponse({"uuid": uuid})
+        except RequestRefused as e:
+            response = refused(e)
+        finally:
+            place.close()  # released here unless the task took it
+        metrics.requests.labels("cosmos_enqueue", str(response.status_code)).inc()
+        metrics.latency.labels("cosmos_enqueue").observe(time.perf_counter() - started)
+        return response
+
+    @app.post(cosmos.PULL_PATH)
+    async def cosmos_pull(request: Request):
+        try:
+            check_auth(request)
+            body = await read_body(request, 64 * 1024, config.body_timeout_s)
+            uuid, _ = cosmos.pull_fields(body, request.headers.get("content-type", ""))
+            status, content = results.get(uuid)
+            response = Response(content, status_code=status, media_type=JSON_MEDIA)
+        except RequestRefused as e:
+            response = refused(e)
+        metrics.requests.labels("cosmos_pull", str(response.status_code)).inc()
+        return response
 
     @app.get("/healthz")
     async def healthz():

@@ -41,7 +41,7 @@ class EmbedJob:
     embeddings and `image_embs` its images' (NaN rows where `errors` says why not)."""
 
     prompts: list[str]
-    images: list[bytes]
+    images: list[bytes | np.ndarray]  # encoded, or uint8 pixels
     image_index: list[int]  # how each image is named in errors: its position in the caller's item
     image_embs: np.ndarray
     tokens: TokenizedPrompts
@@ -88,11 +88,12 @@ class MicroBatcher:
         self._thread.start()
         return self
 
-    def submit(self, prompts: Sequence[str], images: Sequence[bytes], image_index: Sequence[int] | None = None) -> EmbedJob:
-        """Queue a job. Images are encoded bytes only: nothing here ever opens a path. The prompts are
-        tokenised here, on the caller's thread: PromptError (naming the prompt) before anything is queued."""
-        if not all(isinstance(x, (bytes, bytearray)) for x in images):
-            raise TypeError("the batcher takes encoded image bytes only")
+    def submit(self, prompts: Sequence[str], images: Sequence[bytes | np.ndarray], image_index: Sequence[int] | None = None) -> EmbedJob:
+        """Queue a job. Images are encoded bytes or uint8 arrays (cosmos-rl sends pixels) only: nothing here
+        ever opens a path. The prompts are tokenised here, on the caller's thread: PromptError (naming the
+        prompt) before anything is queued."""
+        if not all(isinstance(x, (bytes, bytearray)) or (isinstance(x, np.ndarray) and x.dtype == np.uint8) for x in images):
+            raise TypeError("the batcher takes encoded image bytes or uint8 arrays only")
         tokens = self.text.tokenize(prompts)
         job = EmbedJob(list(prompts), list(images), list(image_index if image_index is not None else range(len(images))),
                        np.full((len(images), self.text.embed_dim), np.nan, np.float32), tokens, remaining=len(images))

@@ -21,6 +21,7 @@ import pickle
 import threading
 import time
 import urllib.parse
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,12 +29,17 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import PickScoreError, RewardError
+from ..errors import PickScoreError
+from ..reward_base import DEFAULT_MAX_PENDING, RewardConventions, RewardFunction, prompts_for
 from ..tensor_images import host_uint8_batch, is_tensor_batch
 from ..results import ImageScore, PromptResult
 from .safe_pickle import safe_loads
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class LossyImageWarning(UserWarning):
+    """Images are sent in a lossy format, so the scores are those of other pixels."""
 
 
 class ServerError(PickScoreError):
@@ -65,13 +71,13 @@ def encode_image(item: Any, image_format: str = "PNG", quality: int = 95) -> byt
     return buffer.getvalue()
 
 
-def image_items(images: Any) -> list[Any]:
+def image_items(images: Any, layout: str = "auto", quantize: str = "round") -> list[Any]:
     """A batch as a list of single images. A list passes through; a tensor batch (numpy, torch on any
     device, DLPack; uint8 or float in [0, 1]; NCHW or NHWC) is checked and quantised exactly as the
     in-process reward's exact mode does, so both score the same pixels and refuse the same tensors."""
     if not is_tensor_batch(images):
         return list(images)
-    u8 = host_uint8_batch(images)
+    u8 = host_uint8_batch(images, layout, quantize)
     return list(u8[..., 0] if u8.shape[3] == 1 else u8)
 
 
@@ -91,6 +97,11 @@ class PickScoreClient:
         self.prefix = parts.path.rstrip("/").removesuffix("/v1")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout, self.retries, self.image_format = timeout, retries, image_format
+        if image_format.upper() in ("JPEG", "JPG"):
+            warnings.warn(LossyImageWarning(
+                "image_format='JPEG' is lossy: the server scores the JPEG's pixels, not yours, so rewards differ from "
+                "in-process ones (by how much on your weights: pickscore_runtime.rewards.jpeg_score_shift; measured "
+                "figures in docs/rl-rewards.md#jpeg). PNG (the default) is lossless"), stacklevel=2)
         self._local = threading.local()
 
     # ---- transport ---------------------------------------------------------------------------------
@@ -153,9 +164,13 @@ class PickScoreClient:
         docs = json.loads(self._post("/v1/score", json.dumps({"items": items}).encode(), "application/json"))
         return [result_from_json(d) for d in docs]
 
-    def rewards(self, images: Sequence[Any], prompts: Sequence[str]) -> dict:
-        """The pickle protocol (/v1/rewards): {"scores": [float, NaN where failed], "errors": [...], ...}."""
-        payload = {"images": [encode_image(x, self.image_format) for x in images], "prompts": plain_prompts(prompts)}
+    def rewards(self, images: Any, prompts: str | Sequence[str], *, layout: str = "auto", quantize: str = "round") -> dict:
+        """The pickle protocol (/v1/rewards): {"scores": [float, NaN where failed], "errors": [...], ...}.
+        images: what the in-process reward takes (a list of images, or one numpy / torch batch, float in
+        [0, 1] or uint8, NCHW or NHWC, quantised by `quantize`); prompts: one per image, or one str for all."""
+        items = image_items(images, layout, quantize)
+        payload = {"images": [encode_image(x, self.image_format) for x in items],
+                   "prompts": plain_prompts(prompts_for(prompts, len(items)))}
         return safe_loads(self._post("/v1/rewards", pickle.dumps(payload, protocol=4), "application/octet-stream"))
 
     def ready(self) -> bool:
@@ -184,34 +199,36 @@ def plain_prompts(prompts: Sequence[Any]) -> list[str]:
     return out
 
 
-class ServerReward:
-    """`reward_fn(images, prompts, metadata) -> (rewards, info)` backed by a PickScore server: the
-    signature DDPO-style trainers call (the in-process adapter has the same one). rewards: float32 [N]
-    PickScore scores; info: per-image errors, backend, precision, random_weights. Large batches go as
-    concurrent chunks, which the server batches together."""
+class ServerReward(RewardFunction):
+    """`reward_fn(images, prompts, metadata) -> (rewards, info)` and `reward_fn.submit(...)` backed by a
+    PickScore server, with the in-process PickScoreReward's signature, conventions, info and submit.
+    Tensor batches are quantised here as the in-process reward quantises them and sent losslessly (PNG),
+    so both score the same pixels. Large batches go as concurrent chunks, which the server batches
+    together."""
 
-    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, *, chunk: int = 32, concurrency: int = 4,
-                 image_format: str = "PNG", on_error: str = "raise", timeout: float = 300.0):
-        if on_error not in ("raise", "nan"):
-            raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, conventions: RewardConventions | str | None = None,
+                 *, quantize: str | None = None, chunk: int = 32, concurrency: int = 4, image_format: str = "PNG",
+                 on_error: str = "raise", timeout: float = 300.0, max_pending: int = DEFAULT_MAX_PENDING):
+        super().__init__(conventions, on_error, max_pending, quantize=quantize)
+        if self.conventions.mode != "exact":
+            raise ValueError("a server decodes the images it is sent, as PIL does: its mode is 'exact', not "
+                             f"{self.conventions.mode!r}")
         self.client = PickScoreClient(url, api_key, timeout=timeout, image_format=image_format)
-        self.chunk, self.on_error = max(1, chunk), on_error
+        self.chunk = max(1, chunk)
         self.pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="pickscore-reward")  # keeps connections
 
-    def __call__(self, images: Any, prompts: Sequence[str], metadata: Any = None) -> tuple[np.ndarray, dict]:
-        items, prompts = image_items(images), list(prompts)
-        if len(items) != len(prompts):
-            raise ValueError(f"one prompt per image: {len(items)} images but {len(prompts)} prompts")
+    def raw(self, images: Any, prompts: str | Sequence[str]) -> tuple[np.ndarray, list[str | None], dict]:
+        items = image_items(images, self.conventions.layout, self.conventions.quantize)
+        prompts = prompts_for(prompts, len(items))
         spans = [(at, at + self.chunk) for at in range(0, len(items), self.chunk)]
         answers = list(self.pool.map(lambda s: self.client.rewards(items[s[0]:s[1]], prompts[s[0]:s[1]]), spans))
-        rewards = np.array([x for a in answers for x in a["scores"]], dtype=np.float32)
+        scores = np.array([x for a in answers for x in a["scores"]], dtype=np.float32)
         errors = [e for a in answers for e in a["errors"]]
-        RewardError.raise_for(errors, self.on_error)
         first = answers[0] if answers else {}
-        info = {"errors": errors, "backend": first.get("backend"), "precision": first.get("precision"),
-                "random_weights": first.get("random_weights")}
-        return rewards, info
+        return scores, errors, {"backend": first.get("backend"), "precision": first.get("precision"),
+                                "random_weights": first.get("random_weights")}
 
     def close(self) -> None:
+        super().close()
         self.pool.shutdown(wait=True)
         self.client.close()

@@ -30,7 +30,8 @@ def config_from_args(args: Any) -> ServerConfig:
     return ServerConfig(
         artifacts=str(args.artifacts), scorer=ScorerOptions.from_args(args), max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout_s,
-        body_timeout_s=args.body_timeout_s, max_images=args.max_images,
+        body_timeout_s=args.body_timeout_s, max_images=args.max_images, reward_divide_by=args.reward_divide_by,
+        result_ttl_s=args.result_ttl_s,
         api_key_digests=load_key_digests(args.api_key_file) if args.api_key_file else ())
 
 

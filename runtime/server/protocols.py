@@ -6,6 +6,10 @@ and renders the finished job with the runtime's ResultAssembler (scores, probs, 
 - /v1/rewards: the pickle convention of DDPO/GRPO-style reward servers, unpickled by a restricted
   unpickler: `{"images": [bytes], "prompts": [str], ...}`, one prompt per image -> pickled
   `{"scores": [float], "errors": [str | None], ...}`; a bad image has a NaN score and its error.
+- / and /score: the same pickled request as trainers' reward servers take it (flow_grpo, DDPO, verl-omni:
+  prompts may be a numpy str array) -> pickled `{"scores": [float], "outputs": [float], "errors": [...],
+  "raw_scores": [...]}`, scores / --reward-divide-by (26 by default, as those trainers divide).
+- /api/reward/enqueue and /api/reward/pull: cosmos-rl's reward service (cosmos.py).
 - /v1/embeddings: OpenAI `{"model", "input": [text or image data URL], "encoding_format"}` ->
   `{"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "model", "usage"}`.
 - /v1/rerank: vLLM / Jina / Cohere `{"query", "documents": [image data URLs], "top_n", "return_documents"}`
@@ -45,7 +49,7 @@ class Parsed:
     """What the batcher needs (prompts, images) and how to put the answer back together."""
 
     prompts: list[str] = field(default_factory=list)
-    images: list[bytes] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)  # encoded bytes, or uint8 arrays (cosmos-rl)
     image_index: list[int] = field(default_factory=list)  # each image's name: its position in its own item
     groups: list[tuple[int, list[int]]] = field(default_factory=list)  # (prompt, its images) per comparison
     extra: dict[str, Any] = field(default_factory=dict)
@@ -64,6 +68,7 @@ class Context:
     tokenizer: ClipTokenizer
     model: str
     embed_dim: int
+    reward_divide_by: float = 1.0  # the trainers' wire formats answer score / this (--reward-divide-by)
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class Protocol:
     media_type: str
     parse: Callable[[bytes, int], Parsed]  # (body, max_images)
     render: Callable[[Parsed, EmbedJob, Context], bytes]
+    aliases: tuple[str, ...] = ()  # more paths that serve it
 
 
 # ---- fields ---------------------------------------------------------------------------------------
@@ -198,30 +204,40 @@ def render_score(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
 
 # ---- /v1/rewards (pickle) ---------------------------------------------------------------------------
 def parse_rewards(body: bytes, max_images: int) -> Parsed:
+    """A pickled {"images": [bytes], "prompts": [str] (a numpy str array too), ...}: other keys (metadata)
+    are ignored."""
     doc = safe_loads(body)
     if not isinstance(doc, dict):
         raise BadRequest(f"the pickled request must be a dict with images and prompts, got {json_type(doc)}")
     images, prompts = doc.get("images"), doc.get("prompts")
     for name, value in (("images", images), ("prompts", prompts)):
         if not isinstance(value, (list, tuple)):
-            raise BadRequest(f"{name} must be a list, got {'nothing' if value is None else json_type(value)}")
+            raise BadRequest(f"{name} must be a list, got {'nothing' if value is None else json_type(value)}"
+                             + (" (PickScore scores each image against its prompt: send one per image)"
+                                if name == "prompts" and value is None else ""))
     if not images:
         raise BadRequest("images is empty: send at least one image")
     check_count(len(images), "images", "images", max_images)  # a pickle repeats one reference cheaply: count first
-    if len(prompts) != len(images):
-        raise BadRequest(f"one prompt per image: {len(images)} images but {len(prompts)} prompts")
     parsed = Parsed(images=[image_bytes(x, f"images[{j}]") for j, x in enumerate(images)],
                     image_index=list(range(len(images))))
+    group_by_prompt(parsed, prompts)
+    return parsed
+
+
+def group_by_prompt(parsed: Parsed, prompts: Sequence[Any]) -> None:
+    """One prompt per image (parsed.images): each distinct prompt once, with the images it scores."""
+    if len(prompts) != len(parsed.images):
+        raise BadRequest(f"one prompt per image: {len(parsed.images)} images but {len(prompts)} prompts")
     by_prompt: dict[str, list[int]] = {}
     for j, p in enumerate(prompts):
         by_prompt.setdefault(prompt_at(p, f"prompts[{j}]"), []).append(j)
     for p, rows in by_prompt.items():
         parsed.prompts.append(p)
         parsed.groups.append((len(parsed.prompts) - 1, rows))
-    return parsed
 
 
-def render_rewards(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
+def reward_rows(parsed: Parsed, job: EmbedJob, ctx: Context) -> tuple[list[float], list[str | None]]:
+    """Per image, in request order: its PickScore score (NaN where it failed) and its error (None)."""
     scores, errors = [math.nan] * len(parsed.images), [None] * len(parsed.images)
     for g, (_, rows) in enumerate(parsed.groups):
         result = comparison(parsed, job, ctx, g)
@@ -229,8 +245,28 @@ def render_rewards(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
             if row.score is not None:
                 scores[k] = row.score
             errors[k] = result.error or row.error  # a prompt the text tower failed on: say so, per image
-    return dumps({"scores": scores, "errors": errors, "random_weights": ctx.assembler.random_weights,
-                  "backend": ctx.assembler.backend, "precision": ctx.assembler.precision, "model": ctx.model})
+    return scores, errors
+
+
+def served_by(ctx: Context) -> dict[str, Any]:
+    return {"random_weights": ctx.assembler.random_weights, "backend": ctx.assembler.backend,
+            "precision": ctx.assembler.precision, "model": ctx.model}
+
+
+def render_rewards(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
+    scores, errors = reward_rows(parsed, job, ctx)
+    return dumps({"scores": scores, "errors": errors, **served_by(ctx)})
+
+
+# ---- / and /score: the reward-server convention (flow_grpo, DDPO, verl-omni) ---------------------------
+def render_reward_server(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
+    """Rewards as those trainers' clients read them: "scores" (verl-omni) and "outputs" (flow_grpo's and
+    DDPO's reward servers), each score / --reward-divide-by; a failed image is NaN there, its reason in
+    "errors" (never a made-up 0.0); "raw_scores" undivided."""
+    scores, errors = reward_rows(parsed, job, ctx)
+    rewards = [x / ctx.reward_divide_by for x in scores]
+    return dumps({"scores": rewards, "outputs": rewards, "errors": errors, "raw_scores": scores,
+                  "divide_by": ctx.reward_divide_by, **served_by(ctx)})
 
 
 # ---- /v1/embeddings (OpenAI) ------------------------------------------------------------------------
@@ -349,6 +385,7 @@ def render_rerank(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:
 PROTOCOLS = {p.name: p for p in (
     Protocol("score", "/v1/score", JSON, parse_score, render_score),
     Protocol("rewards", "/v1/rewards", PICKLE, parse_rewards, render_rewards),
+    Protocol("reward_server", "/", PICKLE, parse_rewards, render_reward_server, aliases=("/score",)),
     Protocol("embeddings", "/v1/embeddings", JSON, parse_embeddings, render_embeddings),
     Protocol("rerank", "/v1/rerank", JSON, parse_rerank, render_rerank),
 )}

@@ -65,8 +65,8 @@ class PickScoreService:
                 warnings.simplefilter("ignore", RandomWeightsWarning)  # said once, by whoever starts the server
                 scorer = PickScorer.load(self.config.artifacts, options=self.config.scorer)
             # The context first: /readyz may describe the service from another thread as soon as `scorer` is set.
-            self.context = Context(scorer.assembler, scorer.tokenizer,
-                                   scorer.artifacts.model_name, scorer.embed_dim)
+            self.context = Context(scorer.assembler, scorer.tokenizer, scorer.artifacts.model_name, scorer.embed_dim,
+                                   self.config.reward_divide_by)
             self.scorer = scorer
             self._pool = ThreadPoolExecutor(scorer.workers, thread_name_prefix="pickscore-decode")
             self.batcher = MicroBatcher(scorer.text, scorer.images, scorer.backend, self._pool,
