@@ -73,6 +73,9 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+# cosmos-rl's trainer starts at 1 s and doubles up to 60 s; shorter here, so that the wait adds little to a
+# pass of ~30 s, yet 16 clients do not spend the server's CPU answering "not yet" every few milliseconds.
+PULL_FIRST_DELAY_S, PULL_MAX_DELAY_S = 0.1, 1.0
 PROTOCOL_INPUTS = {"rewards": "jpeg", "score": "jpeg", "reward_server": "jpeg", "cosmos": "pixels"}
 
 
@@ -146,15 +149,17 @@ def send(c: PickScoreClient, protocol: str, prompt: str, images: list) -> None:
     elif protocol == "reward_server":
         status, body = c.request("POST", "/", pickle.dumps({"images": images, "prompts": [prompt] * len(images), "metadata": {}}))
         assert status == 200 and not any(pickle.loads(body)["errors"]), body[:300]
-    else:  # cosmos: enqueue, then pull until ready (cosmos-rl's trainer retries a 400 with backoff; here every 20 ms)
+    else:  # cosmos: enqueue, then pull until ready, retrying a 400 with backoff as cosmos-rl's trainer does
         status, body = c.request("POST", "/api/reward/enqueue", npy_body(prompt, images), "application/octet-stream")
         assert status == 200, body[:300]
         form = urllib.parse.urlencode({"uuid": json.loads(body)["uuid"], "type": "pickscore"}).encode()
+        delay = PULL_FIRST_DELAY_S
         while True:
+            time.sleep(delay)
             status, body = c.request("POST", "/api/reward/pull", form, "application/x-www-form-urlencoded")
             if status != 400:
                 break
-            time.sleep(0.02)
+            delay = min(2 * delay, PULL_MAX_DELAY_S)
         assert status == 200 and not any(json.loads(body)["errors"]), body[:300]
 
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import RewardError
-from .reward_queue import DEFAULT_MAX_PENDING, SubmitQueue  # noqa: F401 - DEFAULT_MAX_PENDING re-exported
+from .reward_queue import SubmitQueue
 from .tensor_images import LAYOUTS, MODES, check_quantize
 
 ON_ERROR = ("raise", "nan")
@@ -98,13 +98,13 @@ class RewardFunction:
         self.on_error = on_error
         self._queue = SubmitQueue(self, max_pending)  # its thread starts with the first submit
 
-    def raw(self, images: Any, prompts: list[str] | str) -> tuple[np.ndarray, list[str | None], dict]:
+    def score_raw(self, images: Any, prompts: list[str] | str) -> tuple[np.ndarray, list[str | None], dict]:
         """(PickScore scores, NaN where failed; per-image errors; backend facts). Subclasses score here."""
         raise NotImplementedError
 
     def __call__(self, images: Any, prompts: str | Sequence[str], metadata: Any = None) -> tuple[np.ndarray, dict]:
         started = time.perf_counter()
-        scores, errors, facts = self.raw(images, prompts)
+        scores, errors, facts = self.score_raw(images, prompts)
         RewardError.raise_for(errors, self.on_error)
         scores = np.asarray(scores, dtype=np.float32)
         rewards = (scores / np.float32(self.conventions.divide_by)).astype(np.float32)

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import NonFiniteError, RewardError
-from .reward_base import DEFAULT_MAX_PENDING, TRAINERS, RewardConventions, RewardFunction, prompts_for
+from .reward_base import TRAINERS, RewardConventions, RewardFunction, prompts_for
+from .reward_queue import DEFAULT_MAX_PENDING
 from .scorer import PickScorer
 from .tensor_images import batch_length, is_tensor_batch
 
@@ -36,7 +37,7 @@ class PickScoreReward(RewardFunction):
         super().__init__(conventions, on_error, max_pending, mode=mode, quantize=quantize)
         self.scorer = scorer
 
-    def raw(self, images: Any, prompts: str | Sequence[str]) -> tuple[np.ndarray, list[str | None], dict]:
+    def score_raw(self, images: Any, prompts: str | Sequence[str]) -> tuple[np.ndarray, list[str | None], dict]:
         c = self.conventions
         if is_tensor_batch(images):
             prompts = prompts_for(prompts, batch_length(images))

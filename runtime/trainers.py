@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import os
 import threading
+import weakref
 from typing import Any, Sequence
 
 from .errors import RewardError
@@ -75,7 +76,7 @@ def ddpo_pickscore(*, artifacts: str | None = None, server_url: str | None = Non
 
 
 # ---- verl-omni ----------------------------------------------------------------------------------
-class MicroBatcher:
+class SampleBatcher:
     """Concurrent `score(prompt, image)` calls on one event loop, scored together: the first waits one loop
     turn for others, then up to VERL_MAX_BATCH go to the reward (on_error="nan") as one batch in a worker
     thread; an image that fails raises RewardError in its own call only."""
@@ -138,7 +139,7 @@ def verl_image(image: Any) -> Any:
     return u8[0, ..., 0] if u8.shape[3] == 1 else u8[0]
 
 
-_batchers: dict[tuple[int, tuple], MicroBatcher] = {}
+_batchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, SampleBatcher]]" = weakref.WeakKeyDictionary()
 _round_robin = itertools.count()
 
 
@@ -152,8 +153,11 @@ async def compute_score_pickscore(data_source: Any = None, solution_image: Any =
     if server_urls:
         urls = [u.strip().strip("'\"") for u in server_urls.split(",")] if isinstance(server_urls, str) else list(server_urls)
         server_url = urls[next(_round_robin) % len(urls)]
-    key = (id(asyncio.get_running_loop()), (artifacts, server_url, tuple(sorted(options.items()))))
-    if key not in _batchers:
-        _batchers[key] = MicroBatcher(shared_reward("verl_omni", artifacts, server_url, on_error="nan", **options))
-    score = await _batchers[key].score(ground_truth or "", solution_image)
+    if solution_image is None:
+        raise ValueError("solution_image is missing: verl-omni passes the generated image as solution_image=")
+    on_this_loop = _batchers.setdefault(asyncio.get_running_loop(), {})  # a batcher's queue and task live on one loop
+    key = (artifacts, server_url, tuple(sorted(options.items())))
+    if key not in on_this_loop:
+        on_this_loop[key] = SampleBatcher(shared_reward("verl_omni", artifacts, server_url, on_error="nan", **options))
+    score = await on_this_loop[key].score(ground_truth or "", solution_image)
     return {"score": score, "pickscore_raw": score}

@@ -26,12 +26,13 @@ from PIL import Image
 from pickscore_runtime.reward_queue import QueueFull
 from pickscore_runtime.rewards import PickScoreReward
 from pickscore_runtime.server import PickScoreClient, ServerReward
-from pickscore_runtime.trainers import compute_score_pickscore, ddpo_pickscore, flow_grpo_pickscore
+from pickscore_runtime.trainers import compute_score_pickscore, ddpo_pickscore, flow_grpo_pickscore, shared_reward
 from test_server import FP32, running
 
 pytestmark = pytest.mark.integration
 
 ATOL = 2e-5  # fp32 scores move by ~1e-6 with a batch's composition (test_server.py)
+API_KEY = "rl-test-key-0123456789"
 requests = pytest.importorskip("requests")
 
 
@@ -45,9 +46,12 @@ def trainer_server(tiny_artifacts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def raw_server(tiny_artifacts, tmp_path_factory):
-    """DDPO keeps PickScore unscaled: --reward-divide-by 1."""
-    with running(tiny_artifacts, tmp_path_factory.mktemp("rl_raw"), *FP32, "--max-batch", "8", "--threads", "1",
-                 "--reward-divide-by", "1") as s:
+    """DDPO keeps PickScore unscaled (--reward-divide-by 1); this one also has a key and a small --max-images."""
+    tmp = tmp_path_factory.mktemp("rl_raw")
+    (tmp / "keys").write_text(API_KEY + "\n")
+    (tmp / "keys").chmod(0o600)
+    with running(tiny_artifacts, tmp, *FP32, "--max-batch", "8", "--threads", "1", "--reward-divide-by", "1",
+                 "--max-images", "8", "--api-key-file", str(tmp / "keys")) as s:
         yield s
 
 
@@ -147,7 +151,8 @@ def ddpo_remote_pickscore(url: str):
             sent.extend(jpeg_images)
             data = {"images": jpeg_images, "prompts": prompt_batch}
             data_bytes = pickle.dumps(data)
-            response = sess.post(url, data=data_bytes, timeout=120)
+            # the one line a DDPO user adds for a server with --api-key-file
+            response = sess.post(url, data=data_bytes, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"})
             response_data = pickle.loads(response.content)
             all_scores += response_data["outputs"]
         return np.array(all_scores), {}
@@ -161,6 +166,19 @@ def test_ddpo_remote_and_in_process(raw_server, tiny_scorer, tiny_artifacts):
     remote, sent = ddpo_remote_pickscore(raw_server.url)
     scores, _ = remote(images, prompts, ({},) * 10)
     np.testing.assert_allclose(scores, tiny_scorer.score_tensors(list(prompts), decoded(sent)), atol=ATOL)
+
+    # the same auth and limits as /v1/*: no key is 401, more than --max-images is 413 before decoding
+    body = pickle.dumps({"images": sent[:2], "prompts": list(prompts[:2])})
+    assert requests.post(raw_server.url, data=body, timeout=30).status_code == 401
+    body = pickle.dumps({"images": sent[:1] * 9, "prompts": ["a"] * 9})
+    too_many = requests.post(raw_server.url + "/score", data=body, timeout=30, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert too_many.status_code == 413 and "--max-images" in too_many.json()["error"]["message"]
+    cosmos = CosmosRemoteReward(raw_server.url)
+    with pytest.raises(RuntimeError, match="401"):
+        cosmos.compute_rewards(images[:1].float(), ["a"])
+    cosmos.token = API_KEY
+    raw = tiny_scorer.score_tensors(["a", "b"], (images[:2].float() * 255).round().to(torch.uint8))
+    np.testing.assert_allclose(cosmos.compute_rewards(images[:2].float(), ["a", "b"]).numpy(), np.clip(raw, -5, 5), atol=ATOL)
 
     reward_fn = ddpo_pickscore(artifacts=str(tiny_artifacts), backend="onnx-cpu", precision="fp32")
     rewards, _ = reward_fn(images, prompts, ({},) * 10)
@@ -222,10 +240,15 @@ def test_verl_omni_remote_and_in_process(trainer_server, tiny_scorer, tiny_artif
             artifacts=str(tiny_artifacts), backend="onnx-cpu", precision="fp32") for img, p in zip(batch, prompts)))
 
     want = tiny_scorer.score_tensors(prompts, u8) / 26
+    reward = shared_reward("verl_omni", str(tiny_artifacts), None, on_error="nan", backend="onnx-cpu", precision="fp32")
+    sizes, raw = [], reward.score_raw
+    reward.score_raw = lambda images, prompts: sizes.append(len(images)) or raw(images, prompts)
     for batch in (u8, images):
+        sizes.clear()
         results = asyncio.run(local(batch))
         np.testing.assert_allclose([r["score"] for r in results], want, atol=1e-6)
         assert all(r["pickscore_raw"] == r["score"] for r in results)  # as verl-omni returns them
+        assert sum(sizes) == 20 and max(sizes) == 16  # micro-batched: 20 concurrent samples in batches of up to 16
 
 
 def test_verl_omni_in_process_fails_only_the_bad_sample(tiny_artifacts):
@@ -393,13 +416,13 @@ def test_submit_under_8_producers_returns_every_result_once_in_order(tiny_scorer
 def test_submit_back_pressure_and_errors(tiny_scorer, trainer_server):
     reward_fn = PickScoreReward(tiny_scorer, max_pending=1)
     gate = threading.Event()
-    original = reward_fn.raw
+    original = reward_fn.score_raw
 
     def slow(images, prompts):
         gate.wait(30)
         return original(images, prompts)
 
-    reward_fn.raw = slow
+    reward_fn.score_raw = slow
     first = reward_fn.submit(generations(1, seed=8), "a")
     with pytest.raises(QueueFull):
         reward_fn.submit(generations(1, seed=9), "a", timeout=0.2)

@@ -30,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import PickScoreError
-from ..reward_base import DEFAULT_MAX_PENDING, RewardConventions, RewardFunction, prompts_for
+from ..reward_base import RewardConventions, RewardFunction, prompts_for
+from ..reward_queue import DEFAULT_MAX_PENDING
 from ..tensor_images import host_uint8_batch, is_tensor_batch
 from ..results import ImageScore, PromptResult
 from .safe_pickle import safe_loads
@@ -217,7 +218,7 @@ class ServerReward(RewardFunction):
         self.chunk = max(1, chunk)
         self.pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="pickscore-reward")  # keeps connections
 
-    def raw(self, images: Any, prompts: str | Sequence[str]) -> tuple[np.ndarray, list[str | None], dict]:
+    def score_raw(self, images: Any, prompts: str | Sequence[str]) -> tuple[np.ndarray, list[str | None], dict]:
         items = image_items(images, self.conventions.layout, self.conventions.quantize)
         prompts = prompts_for(prompts, len(items))
         spans = [(at, at + self.chunk) for at in range(0, len(items), self.chunk)]
