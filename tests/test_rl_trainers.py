@@ -67,13 +67,15 @@ def decoded(jpegs: list[bytes]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs])
 
 
-# ---- flow_grpo -----------------------------------------------------------------------------------
-def flow_grpo_remote_pickscore(url: str):
-    """flow_grpo/rewards.py's remote reward client (deqa_score_remote, with the prompts its
-    unifiedreward_score_remote sends), verbatim but for the key names PickScore needs."""
+# ---- flow_grpo and DDPO: the same client, inherited ----------------------------------------------------
+def reward_server_client(url: str, batch_size: int, save_kwargs: dict, headers: dict | None = None):
+    """The remote-reward client flow_grpo inherited from DDPO-pytorch, as written in flow_grpo/rewards.py
+    (deqa_score_remote; the prompts as its unifiedreward_score_remote sends them) and ddpo_pytorch/rewards.py
+    (llava_strict_satisfaction, prompts for queries): they differ only in batch_size and the JPEG's save
+    arguments (flow_grpo: Pillow's defaults; DDPO: quality=80). `headers`: none in either; the one line a
+    user adds for a server with --api-key-file."""
     from requests.adapters import HTTPAdapter, Retry
 
-    batch_size = 64
     sess = requests.Session()
     retries = Retry(total=1000, backoff_factor=1, status_forcelist=[500], allowed_methods=False)
     sess.mount("http://", HTTPAdapter(max_retries=retries))
@@ -92,15 +94,15 @@ def flow_grpo_remote_pickscore(url: str):
             for image in image_batch:
                 img = Image.fromarray(image)
                 buffer = io.BytesIO()
-                img.save(buffer, format="JPEG")
+                img.save(buffer, format="JPEG", **save_kwargs)
                 jpeg_images.append(buffer.getvalue())
             sent.extend(jpeg_images)
             data = {"images": jpeg_images, "prompts": prompt_batch}
             data_bytes = pickle.dumps(data)
-            response = sess.post(url, data=data_bytes, timeout=120)
+            response = sess.post(url, data=data_bytes, timeout=120, **({"headers": headers} if headers else {}))
             response_data = pickle.loads(response.content)
             all_scores += response_data["outputs"]
-        return all_scores, {}
+        return np.array(all_scores), {}
 
     return _fn, sent
 
@@ -108,7 +110,7 @@ def flow_grpo_remote_pickscore(url: str):
 def test_flow_grpo_remote_and_in_process(trainer_server, tiny_scorer, tiny_artifacts):
     images = generations(70, seed=1)  # np.array_split: two requests of 35
     prompts = [f"a photo of object {i % 6}" for i in range(70)]
-    remote, sent = flow_grpo_remote_pickscore(trainer_server.url)
+    remote, sent = reward_server_client(trainer_server.url, batch_size=64, save_kwargs={})
     scores, info = remote(images, prompts, [{}] * 70)
     assert len(sent) == 70 and info == {}
     expected = tiny_scorer.score_tensors(prompts, decoded(sent)) / 26  # the JPEG pixels the server was sent
@@ -123,47 +125,11 @@ def test_flow_grpo_remote_and_in_process(trainer_server, tiny_scorer, tiny_artif
 
 
 # ---- DDPO-pytorch ----------------------------------------------------------------------------------
-def ddpo_remote_pickscore(url: str):
-    """ddpo_pytorch/rewards.py's llava_strict_satisfaction client, sending prompts instead of queries."""
-    from requests.adapters import HTTPAdapter, Retry
-
-    batch_size = 4
-    sess = requests.Session()
-    retries = Retry(total=1000, backoff_factor=1, status_forcelist=[500], allowed_methods=False)
-    sess.mount("http://", HTTPAdapter(max_retries=retries))
-    sent: list[bytes] = []
-
-    def _fn(images, prompts, metadata):
-        del metadata
-        if isinstance(images, torch.Tensor):
-            images = (images * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-            images = images.transpose(0, 2, 3, 1)  # NCHW -> NHWC
-        images_batched = np.array_split(images, np.ceil(len(images) / batch_size))
-        prompts_batched = np.array_split(prompts, np.ceil(len(prompts) / batch_size))
-        all_scores = []
-        for image_batch, prompt_batch in zip(images_batched, prompts_batched):
-            jpeg_images = []
-            for image in image_batch:
-                img = Image.fromarray(image)
-                buffer = io.BytesIO()
-                img.save(buffer, format="JPEG", quality=80)
-                jpeg_images.append(buffer.getvalue())
-            sent.extend(jpeg_images)
-            data = {"images": jpeg_images, "prompts": prompt_batch}
-            data_bytes = pickle.dumps(data)
-            # the one line a DDPO user adds for a server with --api-key-file
-            response = sess.post(url, data=data_bytes, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"})
-            response_data = pickle.loads(response.content)
-            all_scores += response_data["outputs"]
-        return np.array(all_scores), {}
-
-    return _fn, sent
-
-
 def test_ddpo_remote_and_in_process(raw_server, tiny_scorer, tiny_artifacts):
     images = generations(10, seed=2, dtype=torch.float16)  # DDPO's VAE under fp16 mixed precision
     prompts = tuple(f"a {animal} riding a bike" for animal in ("cat", "dog", "horse", "cat", "cat") * 2)  # zip(*...) gives a tuple
-    remote, sent = ddpo_remote_pickscore(raw_server.url)
+    remote, sent = reward_server_client(raw_server.url, batch_size=4, save_kwargs={"quality": 80},
+                                        headers={"Authorization": f"Bearer {API_KEY}"})
     scores, _ = remote(images, prompts, ({},) * 10)
     np.testing.assert_allclose(scores, tiny_scorer.score_tensors(list(prompts), decoded(sent)), atol=ATOL)
 

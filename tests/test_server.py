@@ -336,7 +336,9 @@ BAD_PICKLES = [
     (pickle.dumps({"images": [], "prompts": []}), "images is empty"),
     (pickle.dumps({"images": [b"x", b"y"], "prompts": ["a"]}), "one prompt per image"),
     (pickle.dumps({"images": [b"x"], "prompts": [""]}), "prompts[0]"),
-    (pickle.dumps({"images": [b"x"], "prompts": np.array(["a"])}), "numpy"),
+    # numpy str prompts are read as text (trainers send them: test_reward_pieces.py); no other numpy object is
+    (pickle.dumps({"images": [b"x"], "prompts": np.array([1.0])}), "numpy array of dtype"),
+    (pickle.dumps({"images": np.zeros((1, 8, 8, 3), np.uint8), "prompts": ["a"]}), "numpy array of dtype"),
     (pickle.dumps({"images": [b"x"], "prompts": ["a"]}, protocol=2), "_codecs.encode"),  # bytes need a function there
     (b"\x80\x04not a pickle", "malformed pickle"),
 ]
