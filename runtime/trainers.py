@@ -128,7 +128,7 @@ def settle(future: asyncio.Future, result: float | None = None, error: BaseExcep
 
 def verl_image(image: Any) -> Any:
     """One verl-omni sample (uint8 CHW since verl-omni #373, float CHW in [0, 1] before it; or a batch of one)
-    as a single uint8 HWC array, quantised as the reward's conventions say."""
+    as a single uint8 HWC array; a float one is rounded, as verl-omni's rollout server quantises it."""
     from .tensor_images import host_uint8_batch
 
     if len(getattr(image, "shape", ())) == 3:
