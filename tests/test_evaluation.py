@@ -1,0 +1,131 @@
+"""The paper's preference accuracy (runtime/evaluation.py) on pair scores whose expected accuracy is known by
+construction, and against the reference script's own per-example functions (eval_preference_predictor.py,
+get_label / get_pred / calc_score / calc_acc, re-typed below as they are written there)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pickscore_runtime.evaluation import THRESHOLDS, accuracy, choose_threshold, label_kinds, pair_probs, preference_report
+
+
+# ---- the reference, as written ----------------------------------------------------------------------
+def get_label(example):
+    if example["label_0"] == 0.5:
+        label = "tie"
+    elif example["label_0"] == 1:
+        label = "0"
+    else:
+        label = "1"
+    return label
+
+
+def get_pred(prob_0, prob_1, threshold):
+    if abs(prob_1 - prob_0) <= threshold:
+        pred = "tie"
+    elif prob_0 > prob_1:
+        pred = "0"
+    else:
+        pred = "1"
+    return pred
+
+
+def calc_score(label, pred):
+    if label == pred:
+        score = 1
+    elif "tie" in [label, pred]:
+        score = 0.5
+    else:
+        score = 0
+    return score
+
+
+def calc_acc(probs, ds, threshold):
+    res = []
+    for example, (prob_0, prob_1) in zip(ds, probs):
+        res.append(calc_score(get_label(example), get_pred(prob_0, prob_1, threshold)))
+    return sum(res) / len(res)
+
+
+def softmax_pairs(scores):
+    e = np.exp(scores - scores.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+# ---- a split whose accuracy is known by construction --------------------------------------------------
+def planted_split(seed: int, decisive: int, flipped: int, close: int, ties: int):
+    """`decisive` pairs scored far apart and labelled as the scores say, `flipped` of them labelled the
+    other way, `close` pairs scored within 0.05 of each other (p within ~0.0125) labelled decisively, and
+    `ties` decisive-score pairs labelled as ties. Returns scores [N, 2] and label_0."""
+    rng = np.random.default_rng(seed)
+    n = decisive + close
+    base = rng.normal(20, 1, n)
+    gap = np.concatenate([rng.uniform(2, 4, decisive), rng.uniform(-0.05, 0.05, close)])
+    sign = rng.choice([-1, 1], n)
+    scores = np.stack([base, base + sign * gap], 1)
+    winner_is_0 = scores[:, 0] > scores[:, 1]
+    label_0 = np.where(winner_is_0, 1.0, 0.0)
+    label_0[:flipped] = 1 - label_0[:flipped]
+    label_0[flipped:flipped + ties] = 0.5
+    return scores, label_0
+
+
+def test_accuracy_equals_the_planted_value_at_every_threshold_and_the_reference():
+    decisive, flipped, close, ties = 60, 9, 10, 6
+    scores, label_0 = planted_split(0, decisive, flipped, close, ties)
+    p0, p1 = pair_probs(scores)
+    labels = label_kinds(label_0)
+    right = decisive - flipped - ties
+    # threshold 0: no predicted ties; close pairs are called one way, each right iff its sign matches its label
+    close_right = int(((p0[decisive:] > p1[decisive:]) == (label_0[decisive:] == 1)).sum())
+    want_0 = (right + ties * 0.5 + close_right) / (decisive + close)
+    # threshold 0.1: close pairs (|p1 - p0| < 0.1) become predicted ties (0.5 each); decisive pairs stay called
+    want_01 = (right + ties * 0.5 + close * 0.5) / (decisive + close)
+    assert accuracy(p0, p1, labels, 0) == pytest.approx(want_0)
+    assert accuracy(p0, p1, labels, 0.1) == pytest.approx(want_01)
+    # threshold 1: every pair is a predicted tie: ties score 1, the rest 0.5
+    assert accuracy(p0, p1, labels, 1) == pytest.approx((ties + 0.5 * (decisive + close - ties)) / (decisive + close))
+    ds = [{"label_0": x} for x in label_0]
+    probs = softmax_pairs(scores)
+    for t in THRESHOLDS:
+        assert accuracy(p0, p1, labels, t) == pytest.approx(calc_acc(probs, ds, t))
+
+
+def test_the_threshold_is_chosen_on_validation_and_applied_to_test():
+    # validation: many near-equal pairs labelled as ties make a positive threshold pay
+    val_scores, val_label_0 = planted_split(1, 40, 4, 30, 0)
+    val_label_0[40:] = 0.5  # every close pair is a human tie
+    threshold, accuracies = choose_threshold(*pair_probs(val_scores), label_kinds(val_label_0))
+    probs, ds = softmax_pairs(val_scores), [{"label_0": x} for x in val_label_0]
+    reference = [calc_acc(probs, ds, t) for t in THRESHOLDS]
+    assert accuracies == pytest.approx(reference) and threshold == THRESHOLDS[int(np.argmax(reference))]
+    assert threshold > 0  # the planted ties are found
+
+    test_scores, test_label_0 = planted_split(2, 50, 5, 8, 4)
+    report = preference_report(test_scores, test_label_0, validation=(val_scores, val_label_0))
+    assert report.tie_threshold == threshold and report.n_pairs == 58
+    assert report.accuracy == pytest.approx(calc_acc(softmax_pairs(test_scores), [{"label_0": x} for x in test_label_0],
+                                                     threshold))
+    assert report.label_counts == {"0": int((test_label_0 == 1).sum()), "1": int((test_label_0 == 0).sum()), "tie": 4}
+    decided = test_label_0 != 0.5
+    assert report.accuracy_ties_excluded == pytest.approx(
+        calc_acc(softmax_pairs(test_scores[decided]), [{"label_0": x} for x in test_label_0[decided]], 0))
+    low, high = report.interval
+    assert low <= report.accuracy <= high and 0 < high - low < 0.5
+    fixed = preference_report(test_scores, test_label_0, tie_threshold=threshold)
+    assert fixed.to_json() == dict(report.to_json(), validation_accuracies=None)  # a seeded bootstrap: the same interval
+
+
+def test_bad_input_is_named():
+    scores, label_0 = planted_split(3, 5, 0, 0, 0)
+    label_0[3] = 0.7
+    with pytest.raises(ValueError, match="pair #3: label_0 must be 0, 0.5 or 1, got 0.7"):
+        preference_report(scores, label_0, tie_threshold=0)
+    scores[2, 1] = np.nan
+    with pytest.raises(ValueError, match="pair #2 has a non-finite score"):
+        pair_probs(scores)
+    with pytest.raises(ValueError, match="empty split"):
+        preference_report(np.zeros((0, 2)), [], tie_threshold=0)
+    with pytest.raises(ValueError, match="not both"):
+        preference_report(np.zeros((1, 2)), [1.0])
