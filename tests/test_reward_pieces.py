@@ -90,6 +90,23 @@ def test_every_other_numpy_object_is_refused(value):
         safe_loads(pickle.dumps(value, protocol=4))
 
 
+def test_small_pickles_cannot_make_big_work():
+    """Found by probing: a 271-byte pickle whose refused dtype was turned into text (a nested list's repr
+    doubles per level), and a pickle that decodes the same bytes once per 3 opcodes."""
+    proto = b"\x80\x04"
+    dag = b"](K\x01eq\x000" + b"".join(b"](h" + bytes([k]) + b"h" + bytes([k]) + b"eq" + bytes([k + 1]) + b"0" for k in range(24))
+    dtype = b"cnumpy\ndtype\n"
+    with pytest.raises(RefusedPickle):
+        safe_loads(proto + dag + b"h\x18" + b"0" + dtype + b"h\x18\x85R.")
+    raw = ("\U0001F600" * 1000).encode("utf-32-le")
+    scalar = (b"cnumpy._core.multiarray\nscalar\nq\x00(" + dtype + b"X\x05\x00\x00\x00U1000\x85RB"
+              + len(raw).to_bytes(4, "little") + raw + b"tq\x0100")
+    started = time.perf_counter()
+    with pytest.raises(RefusedPickle, match="over and over"):
+        safe_loads(proto + scalar + b"](" + b"h\x00h\x01R" * 20000 + b"e.")
+    assert time.perf_counter() - started < 2
+
+
 def test_forged_numpy_str_pickles_are_refused():
     honest = pickle.dumps(np.array(["abcd"]), protocol=4)
     data = "abcd".encode("utf-32-le")
@@ -121,10 +138,20 @@ def test_cosmos_enqueue_parses_either_layout_and_groups_prompts():
         parse_enqueue(enqueue_body(["a"] * 3, bhwc), max_images=2)
     with pytest.raises(BadRequest, match="pickscore"):
         parse_enqueue(enqueue_body(["a"] * 3, bhwc, reward_fn={"pickscore": 0, "hpsv2": 1.0}), max_images=8)
-    with pytest.raises(BadRequest, match="npz"):
+    header = b'{"prompts": ["a"], "media_type": "image"}\n'
+    buffer = io.BytesIO()
+    np.savez(buffer, x=bhwc)
+    hostile = [buffer.getvalue(),  # an .npz archive (a zip): refused by its magic, never unzipped
+               np.lib.format.magic(1, 0) + (118).to_bytes(2, "little")  # a header asking for ~3e19 bytes, and none
+               + b"{'descr': '|u1', 'fortran_order': False, 'shape': (1000000000, 99999, 99999, 3), }".ljust(117) + b"\n",
+               np.lib.format.magic(3, 0) + b"\x00\x00"]
+    for npy in (np.zeros((1, 0, 8, 3), np.uint8), np.zeros((1, 8, 8, 3), ">u2")):
         buffer = io.BytesIO()
-        np.savez(buffer, x=bhwc)
-        parse_enqueue(b'{"prompts": ["a"], "media_type": "image"}\n' + buffer.getvalue(), max_images=8)
+        np.save(buffer, npy, allow_pickle=False)
+        hostile.append(buffer.getvalue())
+    for body in hostile:  # a 400 naming the problem, before anything the header asks for is allocated
+        with pytest.raises(BadRequest):
+            parse_enqueue(header + body, max_images=8)
 
 
 def test_cosmos_pull_fields_and_result_store():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import threading
 import time
 import urllib.parse
@@ -56,10 +57,6 @@ def parse_enqueue(body: bytes, max_images: int) -> Parsed:
         raise BadRequest(f"media_type must be \"image\" (decoded images), got {json_type(media) if media is None else repr(media)}: "
                          "latents and video are not scored here")
     batch = npy_array(body[cut + 1:])
-    if batch.ndim != 4 or (batch.shape[3] != 3 and batch.shape[1] != 3):
-        raise BadRequest(f"the images must be uint8 [B, H, W, 3] or [B, 3, H, W], got shape {list(batch.shape)}")
-    if batch.shape[0] == 0:
-        raise BadRequest("the batch is empty: send at least one image")
     check_count(batch.shape[0], "images", "the .npy batch", max_images)
     if batch.shape[3] != 3:
         batch = batch.transpose(0, 2, 3, 1)  # cosmos-rl's service takes either layout
@@ -71,17 +68,26 @@ def parse_enqueue(body: bytes, max_images: int) -> Parsed:
 
 
 def npy_array(data: bytes) -> np.ndarray:
-    """The .npy file's array (never a pickled object), refused unless it is uint8."""
+    """The .npy file's uint8 array, its header checked against the bytes that follow before anything is
+    allocated (np.load would size its buffer by the header's shape); never a pickled object."""
+    buffer = io.BytesIO(data)
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        version = np.lib.format.read_magic(buffer)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f".npy format version {version[0]}.{version[1]} (np.save writes 1.0 or 2.0 for uint8)")
+        shape, fortran, dtype = read_header[version](buffer)
+    except Exception as e:  # noqa: BLE001 - whatever numpy's header reader meets in a hostile body: a 400
         raise BadRequest(f"after the first newline the body must be an .npy file (np.save, allow_pickle=False): {e}") from None
-    if not isinstance(array, np.ndarray):
-        array.close()  # an .npz archive
-        raise BadRequest("after the first newline the body must be one .npy array, not an .npz archive")
-    if array.dtype != np.uint8:
-        raise BadRequest(f"the images must be uint8 (0..255), as cosmos-rl's trainer sends them, got dtype {array.dtype}")
-    return array
+    if dtype != np.uint8:
+        raise BadRequest(f"the images must be uint8 (0..255), as cosmos-rl's trainer sends them, got dtype {dtype}")
+    if len(shape) != 4 or min(shape) < 1 or (shape[3] != 3 and shape[1] != 3):
+        raise BadRequest(f"the images must be uint8 [B, H, W, 3] or [B, 3, H, W], none of them empty, got shape {list(shape)}")
+    raw = data[buffer.tell():]
+    if len(raw) != math.prod(shape):
+        raise BadRequest(f"the .npy header says shape {list(shape)} ({math.prod(shape)} bytes) but {len(raw)} bytes follow it")
+    array = np.frombuffer(raw, dtype=np.uint8)
+    return array.reshape(shape[::-1]).transpose() if fortran else array.reshape(shape)
 
 
 def render_result(parsed: Parsed, job: EmbedJob, ctx: Context) -> bytes:

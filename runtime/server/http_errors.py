@@ -9,6 +9,8 @@ class RequestRefused(Exception):
     kind = "internal_error"
 
     def __init__(self, message: str, headers: dict[str, str] | None = None):
+        # a message may quote a client's text: lone surrogates in it would make the JSON answer unencodable
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.message = message
         self.headers = headers or {}

@@ -111,6 +111,8 @@ def json_type(value: Any) -> str:
     """What a value is, as a JSON user would say it; scalars with their value (`a number (2.5)`, `a boolean
     (true)`), so that "must be an integer, got a number" says which number."""
     name = TYPE_NAMES.get(type(value), type(value).__name__)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"{name} of {value.bit_length()} bits"  # a huge pickled int: never turned into its digits
     if isinstance(value, (bool, int, float)):
         shown = json.dumps(value)  # true, 2.5, NaN: as the client wrote it
         return f"{name} ({shown[:40]})"
