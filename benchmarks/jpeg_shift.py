@@ -12,7 +12,6 @@ shift says how sensitive that network is, not the real PickScore: run it on your
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shlex
@@ -21,23 +20,17 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from pickscore_runtime import PickScorer, RandomWeightsWarning
 from pickscore_runtime.machine import code_version, machine_info
-from pickscore_runtime.rewards import jpeg_score_shift
+from pickscore_runtime.rewards import jpeg_round_trip, jpeg_score_shift
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rl_latency import generations  # noqa: E402 - the same smooth stand-in generations
 
 
 def psnr(u8: np.ndarray, quality: int) -> float:
-    errors = []
-    for image in u8:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, "JPEG", quality=quality)
-        back = np.asarray(Image.open(buffer).convert("RGB")).astype(np.float64)
-        errors.append(np.mean((back - image) ** 2))
+    errors = [np.mean((jpeg_round_trip(image, quality).astype(np.float64) - image) ** 2) for image in u8]
     return float(10 * np.log10(255**2 / np.mean(errors)))
 
 

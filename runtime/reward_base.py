@@ -28,9 +28,9 @@ ON_ERROR = ("raise", "nan")
 @dataclass(frozen=True)
 class RewardConventions:
     """How a trainer turns PickScore into its reward. rewards = score / divide_by, where score is
-    exp(logit_scale) x cosine (about 20 to 23 for PickScore v1's real weights); quantize: how a float
-    batch in [0, 1] becomes the uint8 pixels that are scored, "round" (round(x * 255), as saving a PNG)
-    or "truncate" ((x * 255).to(uint8)); mode, layout: as PickScorer.score_tensors."""
+    exp(logit_scale) x cosine; quantize: how a float batch in [0, 1] becomes the uint8 pixels that are
+    scored, "round" ((x * 255).round()) or "truncate" ((x * 255).to(uint8)), in the batch's own dtype;
+    mode, layout: as PickScorer.score_tensors."""
 
     divide_by: float = 1.0
     quantize: str = "round"

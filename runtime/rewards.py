@@ -57,24 +57,27 @@ class PickScoreReward(RewardFunction):
                                 "random_weights": self.scorer.random_weights}
 
 
+def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
+    """One uint8 HxWx3 image as a JPEG at `quality` would give it back."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
 def jpeg_score_shift(scorer: PickScorer, images: Any, prompts: str | Sequence[str], quality: int = 75) -> dict:
     """How much sending `images` as JPEG at `quality` (Pillow's default 75: flow_grpo's and verl-omni's
     clients; DDPO's llava client uses 80) moves their scores on this scorer's weights: the same uint8
     pixels scored as they are and after a JPEG round trip. {"quality", "n", "max_abs", "mean_abs",
     "p99_abs"} in raw PickScore units (divide by 26 for flow_grpo's)."""
-    import io
-
-    from PIL import Image
-
     from .tensor_images import host_uint8_batch
 
     u8 = host_uint8_batch(images) if is_tensor_batch(images) else np.stack([np.asarray(x) for x in images])
     prompts = prompts_for(prompts, len(u8))
-    jpegs = []
-    for image in u8:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, "JPEG", quality=quality)
-        jpegs.append(np.asarray(Image.open(buffer).convert("RGB")))
-    shift = np.abs(scorer.score_tensors(prompts, np.stack(jpegs)) - scorer.score_tensors(prompts, u8))
+    jpegs = np.stack([jpeg_round_trip(image, quality) for image in u8])
+    shift = np.abs(scorer.score_tensors(prompts, jpegs) - scorer.score_tensors(prompts, u8))
     return {"quality": quality, "n": int(len(shift)), "max_abs": float(shift.max()), "mean_abs": float(shift.mean()),
             "p99_abs": float(np.percentile(shift, 99))}

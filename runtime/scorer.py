@@ -206,8 +206,8 @@ class PickScorer:
         (numpy, torch on the CPU or a GPU, anything with DLPack; uint8 or float in [0, 1]; NCHW or NHWC;
         any size). `prompts`: one per image, or one for all. mode "exact" follows PIL's arithmetic (equal
         to scoring the same pixels from a PNG file); "fast" resizes with the device's bicubic + antialias.
-        quantize: exact mode's float -> uint8 step, "round" (round(x * 255), as saving a PNG) or "truncate"
-        ((x * 255).to(uint8), as some trainers write it).
+        quantize: exact mode's float -> uint8 step in the batch's own dtype, "round" ((x * 255).round(), as
+        saving an image) or "truncate" ((x * 255).to(uint8), as some trainers write it).
         Where a tower returns NaN or Inf for some items, raises NonFiniteError naming them; its `scores`
         holds the others' scores (NaN at its `failed` indices)."""
         n = batch_length(images) if hasattr(images, "shape") else len(images)
