@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .argtypes import positive_float, positive_int
+from .argtypes import csv_list, positive_float, positive_int
 from .backends.registry import AUTO_ORDER, BACKENDS, backend_info, check_backend_options
 from .errors import PickScoreError
 from .images import DEFAULT_MAX_IMAGE_PIXELS
@@ -122,16 +122,21 @@ class ScorerOptions:
     # ---- the one argparse helper ------------------------------------------------------------------
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser, *, batch_flags: tuple[str, ...] = ("--batch-size",),
-                      backend_choices: tuple[str, ...] | None = None) -> None:
-        """The scorer's flags, the same on `score` and `serve` (and the Ray job, through `score --ray`)."""
+                      backend_choices: tuple[str, ...] | None = None, several_precisions: bool = False) -> None:
+        """The scorer's flags, the same on `score` and `serve` (and the Ray job, through `score --ray`).
+        several_precisions: --precision takes a comma-separated list (`eval preference`; see `per_precision`)."""
         names = backend_choices or ("auto", *BACKENDS)
         gpu = " > ".join(n for n in AUTO_ORDER if BACKENDS[n].device == "cuda")
         group = parser.add_argument_group("scorer")
         group.add_argument("--backend", default="auto", choices=names,
                            help=f"inference backend (default auto: the fastest that can run here, {gpu} > onnx-cpu)")
-        group.add_argument("--precision", default=None, choices=PRECISION_NAMES,
-                           help="fp32 (exact) | fp16 | int8 | bf16 (torch backends); default: the backend's first that "
-                                "the artifacts carry (auto: int8 on a CPU where it passed the gate)")
+        about = ("fp32 (exact) | fp16 | int8 | bf16 (torch backends); default: the backend's first that the artifacts "
+                 "carry (auto: int8 on a CPU where it passed the gate)")
+        if several_precisions:
+            group.add_argument("--precision", default=None, type=csv_list(PRECISION_NAMES), metavar="P[,P...]",
+                               help="one or several, comma-separated, evaluated side by side: " + about)
+        else:
+            group.add_argument("--precision", default=None, choices=PRECISION_NAMES, help=about)
         group.add_argument(*batch_flags, dest="batch_size", type=positive_int, default=None, metavar="N",
                            help="images per backend call (default: per backend)")
         group.add_argument("--threads", type=positive_int, default=None, metavar="N",
@@ -150,6 +155,12 @@ class ScorerOptions:
                            help="fast resizing, not exact: PIL's reducing_gap, 1.0 or more (e.g. 2 or 3)")
         group.add_argument("--no-build", action="store_true",
                            help="with --backend tensorrt: refuse (exit 2) instead of building a missing engine (minutes)")
+
+    @classmethod
+    def per_precision(cls, args: argparse.Namespace) -> list["ScorerOptions"]:
+        """One ScorerOptions per precision of a several_precisions --precision (one with none given)."""
+        base = cls.from_args(argparse.Namespace(**{**vars(args), "precision": None}))
+        return [base.replace(precision=p) for p in args.precision] if args.precision else [base]
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ScorerOptions":

@@ -1,4 +1,4 @@
-"""The paper's preference accuracy (runtime/evaluation.py) on pair scores whose expected accuracy is known by
+"""The paper's preference accuracy (runtime/eval/accuracy.py) on pair scores whose expected accuracy is known by
 construction, and against the reference script's own per-example functions (eval_preference_predictor.py,
 get_label / get_pred / calc_score / calc_acc, re-typed below as they are written there)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pickscore_runtime.evaluation import THRESHOLDS, accuracy, choose_threshold, label_kinds, pair_probs, preference_report
+from pickscore_runtime.eval.accuracy import THRESHOLDS, accuracy, choose_threshold, label_kinds, pair_probs, preference_report
 
 
 # ---- the reference, as written ----------------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_the_threshold_is_chosen_on_validation_and_applied_to_test():
 
     test_scores, test_label_0 = planted_split(2, 50, 5, 8, 4)
     report = preference_report(test_scores, test_label_0, validation=(val_scores, val_label_0))
-    assert report.tie_threshold == threshold and report.n_pairs == 58
+    assert report.tie_threshold == threshold and report.n_evaluated == 58
     assert report.accuracy == pytest.approx(calc_acc(softmax_pairs(test_scores), [{"label_0": x} for x in test_label_0],
                                                      threshold))
     assert report.label_counts == {"0": int((test_label_0 == 1).sum()), "1": int((test_label_0 == 0).sum()), "tie": 4}
@@ -129,3 +129,63 @@ def test_bad_input_is_named():
         preference_report(np.zeros((0, 2)), [], tie_threshold=0)
     with pytest.raises(ValueError, match="not both"):
         preference_report(np.zeros((1, 2)), [1.0])
+
+
+# ---- the pieces around the metric: rows read, pairs flipped, models compared ---------------------------
+def split_scores(scores, label_0, errors=None, precision="fp32"):
+    from pickscore_runtime.eval.preference import SplitScores
+
+    n = len(label_0)
+    return SplitScores("test", np.arange(1, n + 1), [f"caption {i}" for i in range(n)], np.asarray(scores, float),
+                       np.asarray(label_0, float), errors or {}, precision)
+
+
+def test_flipped_pairs_are_exactly_those_whose_prediction_changes():
+    from pickscore_runtime.eval.preference import evaluate_scores, flipped_pairs, preference_json
+
+    base = np.array([[2.0, 0.0], [0.0, 2.0], [1.0, 0.9], [0.0, 3.0], [5.0, 1.0]])
+    moved = base.copy()
+    moved[1] = [2.0, 0.0]  # row 2 changes side
+    moved[2] = [0.0, 1.0]  # row 3: a tie at threshold 0.1 before (|dp| = 0.05), "1" after
+    labels = [1, 0, 0.5, 0, 1]
+    a = evaluate_scores(split_scores(base, labels), None, 0.1)
+    b = evaluate_scores(split_scores(moved, labels, {5: "row 5: broken"}, "int8"), None, 0.1)
+    flips = flipped_pairs(a, b)
+    assert [f["row"] for f in flips] == [2, 3]
+    assert flips[0]["prediction"] == {"fp32": "1", "int8": "0"} and flips[1]["prediction"] == {"fp32": "tie", "int8": "1"}
+    doc = preference_json([a, b], "d", None)
+    assert doc["accuracy"] == a.report.accuracy and doc["by_precision"][1]["flipped"] == flips
+    assert doc["by_precision"][1]["n_errors"] == 1 and doc["by_precision"][1]["n_evaluated"] == 4  # row 5 left out
+
+
+def test_pickapic_rows_name_what_is_wrong():
+    from pickscore_runtime.eval.pickapic import label_of, pair_of
+
+    assert label_of({"label_0": 1.0, "label_1": 0.0}, 3).label_0 == 1.0
+    assert label_of({"label_0": 0.5}, 3).error is None
+    for values, why in (({"label_0": None}, "no label_0"), ({"label_0": 0.3}, "got 0.3"), ({"label_0": True}, "got True"),
+                        ({"label_0": 1.0, "label_1": 1.0}, "label_0 + label_1 must be 1"),
+                        ({"label_0": 1.0, "has_label": False}, "has_label is false")):
+        assert why in label_of(values, 7).error and label_of(values, 7).error.startswith("row 7: ")
+    ok = pair_of({"caption": "c", "jpg_0": b"x", "jpg_1": {"bytes": None, "path": "a.png"}, "image_0_uid": "u"}, 2)
+    assert ok.row.error is None and ok.images == [b"x", "a.png"] and ok.row.images == ["u", "a.png"]
+    bad = pair_of({"caption": 5, "jpg_0": 7, "jpg_1": None}, 4)
+    assert bad.row.error == "row 4: the caption is a int, not text; jpg_0 is not image bytes or a path (int); jpg_1 holds no image"
+
+
+def test_compare_scores_plants_and_counts():
+    from pickscore_runtime.eval.compare import compare_scores
+
+    def row(model, prompt, score, error=None):
+        return {"id": f"{model}{prompt}", "row": 0, "group": model, "prompt": prompt, "image": "i", "score": score,
+                "prob": None, "error": error}
+
+    rows = [row("a", "p1", 3.0), row("a", "p1", 1.0), row("b", "p1", 2.0), row("a", "p2", 1.0), row("b", "p2", 1.0),
+            row("a", "p3", 0.0), row("b", "p3", None, "broken")]
+    best = compare_scores(rows, "best")
+    win = best["win_rates"][0]
+    assert (win["model"], win["versus"], win["n_prompts"], win["win_rate"]) == ("a", "b", 2, 0.75)  # p1 won, p2 tied
+    assert compare_scores(rows, "mean")["win_rates"][0]["win_rate"] == 0.5  # p1: mean 2.0 ties b's 2.0
+    models = {m["model"]: m for m in best["models"]}
+    assert models["a"]["mean_score"] == pytest.approx((2.0 + 1.0 + 0.0) / 3) and models["a"]["n_images"] == 4
+    assert models["b"]["missing"] == [{"prompt": "p3", "why": "every image failed"}] and best["n_errors"] == 1

@@ -1,4 +1,4 @@
-"""`pickscore`: export, score, verify, bench, cache, info, serve, engine.
+"""`pickscore`: export, score, eval, verify, bench, cache, info, serve, engine.
 
 One vocabulary for every command: --artifacts DIR, --backend NAME, --precision P, --batch-size N,
 --output FILE; the scorer's settings come from one declaration (`options.ScorerOptions.add_arguments`).
@@ -109,6 +109,49 @@ def add_source_args(p: argparse.ArgumentParser, default_model: str | None, group
                    help="with a hub id: the branch, tag or commit to use (default main; recorded as the commit it resolves to)")
 
 
+def add_scorer_source_args(p: argparse.ArgumentParser) -> None:
+    """--artifacts DIR | --model M with the first-use flags, for the commands that score (score.open_scorer)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--artifacts", type=Path, metavar="DIR", help="an exported artifacts directory")
+    where.add_argument("--model", metavar="MODEL",
+                       help=f"hub id or local folder (default {DEFAULT_MODEL}): exported on first use into the user cache "
+                            "with what the backend runs fast (CPU: fp32 + int8; GPU: fp32 + fp16), gated, then reused "
+                            "(needs [export])")
+    p.add_argument("--random-init", action="store_true",
+                   help="RANDOM weights from the model's config (testing only; the PickScore config ships with the package)")
+    p.add_argument("--stress", action="store_true", help="with --random-init: plant trained-ViT-like activation outliers")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --random-init (default 0)")
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="with --model HUB_ID: the branch, tag or commit (default main; the cache is keyed on the commit)")
+    add_gate_arg(p)
+
+
+def add_ray_args(p: argparse.ArgumentParser, about: str) -> None:
+    """--ray and its settings (scale.cli.RaySession reads them)."""
+    p.add_argument("--ray", action="store_true", help=about)
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="with --ray: the cluster to join (default: Ray's own choice)")
+    p.add_argument("--ray-all-interfaces", action="store_true",
+                   help="with --ray and no --ray-address: let the local cluster it starts listen on every network "
+                        "interface (default: 127.0.0.1 only)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="with --ray: GPUs per scorer actor (default 1 where the cluster has GPUs; 0: CPU scorers of --threads cores)")
+
+
+def add_eval_run_args(p: argparse.ArgumentParser) -> None:
+    """Where an evaluation writes its report and keeps its per-image scores (resumable)."""
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="write the report: .json (everything: per-pair errors, flipped pairs) or .csv (one row per "
+                        "precision or model); a table is printed either way")
+    p.add_argument("--work", type=Path, default=None, metavar="DIR",
+                   help="keep the per-image scores here as Parquet, committed in parts (default: FILE.work beside "
+                        "--output; without --output, a temporary folder)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="keep the scores --work already holds; score only the rest")
+    again.add_argument("--overwrite", action="store_true", help="replace the scores --work holds")
+    p.add_argument("--commit-rows", type=positive_int, default=2000, metavar="N",
+                   help="commit the scores every N rows or 10 s (default 2000): a crash loses at most that")
+
+
 def add_gate_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the numerics gate that ends an export of fp16/int8 (auto then serves fp32 until "
@@ -147,19 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or fast (~25 %% faster on an AVX2 CPU; fails stress weights narrowly): the gate at export judges either")
 
     p = command("score", "score images against prompts")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--artifacts", type=Path, metavar="DIR", help="an exported artifacts directory")
-    where.add_argument("--model", metavar="MODEL",
-                       help=f"hub id or local folder (default {DEFAULT_MODEL}): exported on first use into the user cache "
-                            "with what the backend runs fast (CPU: fp32 + int8; GPU: fp32 + fp16), gated, then reused "
-                            "(needs [export])")
-    p.add_argument("--random-init", action="store_true",
-                   help="RANDOM weights from the model's config (testing only; the PickScore config ships with the package)")
-    p.add_argument("--stress", action="store_true", help="with --random-init: plant trained-ViT-like activation outliers")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --random-init (default 0)")
-    p.add_argument("--revision", default=None, metavar="REV",
-                   help="with --model HUB_ID: the branch, tag or commit (default main; the cache is keyed on the commit)")
-    add_gate_arg(p)
+    add_scorer_source_args(p)
     work = p.add_mutually_exclusive_group(required=True)
     work.add_argument("--prompt", action=once(), metavar="TEXT",
                       help="score IMAGE... (files, directories, globs) against this prompt")
@@ -175,16 +206,43 @@ def build_parser() -> argparse.ArgumentParser:
     ScorerOptions.add_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="with --prompt: print JSON instead of a table (docs/cli.md: its keys, `skipped` included)")
-    p.add_argument("--ray", action="store_true",
-                   help="scale out on a Ray cluster: --input SRC (a file or a directory of CSV / JSONL / Parquet / WebDataset "
-                        ".tar files) -> --output OUT_DIR (Parquet files); --workers: scorer actors (default one per GPU); "
-                        "resumable with --resume (needs the [ray] extra)")
-    p.add_argument("--ray-address", default=None, metavar="ADDR", help="with --ray: the cluster to join (default: Ray's own choice)")
-    p.add_argument("--ray-all-interfaces", action="store_true",
-                   help="with --ray and no --ray-address: let the local cluster it starts listen on every network "
-                        "interface (default: 127.0.0.1 only)")
-    p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
-                   help="with --ray: GPUs per scorer actor (default 1 where the cluster has GPUs; 0: CPU scorers of --threads cores)")
+    add_ray_args(p, "scale out on a Ray cluster: --input SRC (a file or a directory of CSV / JSONL / Parquet / WebDataset "
+                    ".tar files) -> --output OUT_DIR (Parquet files); --workers: scorer actors (default one per GPU); "
+                    "resumable with --resume (needs the [ray] extra)")
+
+    p = command("eval", "evaluate with PickScore: preference accuracy on Pick-a-Pic data, or models compared")
+    actions = p.add_subparsers(dest="eval_action", required=True, metavar="ACTION", parser_class=Parser)
+    e = actions.add_parser("preference", help="the Pick-a-Pic paper's preference accuracy (tie threshold, ties excluded, CI)")
+    add_loudness(e, default=argparse.SUPPRESS)
+    add_scorer_source_args(e)
+    e.add_argument("--data", required=True, metavar="PATH",
+                   help="the test split: Pick-a-Pic Parquet (a file, a folder of shards or a quoted glob) or a "
+                        "datasets.save_to_disk folder of one split (caption, jpg_0, jpg_1, label_0, ...)")
+    threshold = e.add_mutually_exclusive_group(required=True)
+    threshold.add_argument("--validation", metavar="PATH", help="the split the tie threshold is chosen on, as the paper "
+                                                                "does (validation_unique); the same formats as --data")
+    threshold.add_argument("--tie-threshold", type=float, metavar="T",
+                           help="predict a tie when |p1 - p0| <= T instead of choosing T on a validation split")
+    add_eval_run_args(e)
+    add_ray_args(e, "score the pairs on a Ray cluster (the `score --ray` job; --artifacts on storage every node reads; "
+                    "the split is copied once into --work as the job's input; needs the [ray] extra)")
+    ScorerOptions.add_arguments(e, several_precisions=True)
+    e = actions.add_parser("compare", help="models' generations for the same prompts: mean PickScore and win rates with CIs")
+    add_loudness(e, default=argparse.SUPPRESS)
+    add_scorer_source_args(e)
+    given = e.add_mutually_exclusive_group(required=True)
+    given.add_argument("--manifest", type=path_or_uri, metavar="FILE",
+                       help="CSV / JSONL / Parquet with prompt, model and image (a path, or bytes in Parquet) columns")
+    given.add_argument("--generations", metavar="DIR",
+                       help="a folder per model: DIR/<model>/<prompt id>.png, <prompt id>_<k>.png or <prompt id>/*.png "
+                            "(with --prompts)")
+    e.add_argument("--prompts", metavar="FILE",
+                   help="with --generations: a .txt file (line i is prompt id i, from 0) or CSV / JSONL with id and prompt")
+    e.add_argument("--per-prompt", choices=["best", "mean"], default="best",
+                   help="a model's value for a prompt: its best image's score (default) or its images' mean")
+    e.add_argument("--plot", type=Path, metavar="FILE", help="a PNG of the mean per model with 95%% CIs (needs [bench])")
+    add_eval_run_args(e)
+    ScorerOptions.add_arguments(e)
 
     p = command("cache", "inspect a text-embedding cache file")
     p.add_argument("action", choices=["stats"], help="what to do")

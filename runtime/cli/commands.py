@@ -14,6 +14,7 @@ from ..optional import export_tools, require
 from ..scorer import DEFAULT_MODEL
 from ..console import EXIT_OK, EXIT_UNSCORED, say
 from .engine import cmd_engine
+from .evaluate import cmd_eval
 from .score import cmd_score
 
 
@@ -122,5 +123,5 @@ def cmd_serve(args: Any) -> int:
     return serve(args)
 
 
-COMMANDS = {"export": cmd_export, "score": cmd_score, "verify": cmd_verify, "bench": cmd_bench, "cache": cmd_cache,
+COMMANDS = {"export": cmd_export, "score": cmd_score, "eval": cmd_eval, "verify": cmd_verify, "bench": cmd_bench, "cache": cmd_cache,
             "info": cmd_info, "serve": cmd_serve, "engine": cmd_engine}

@@ -21,7 +21,7 @@ from ..scale.cli import cmd_score_ray
 from ..text_cache import check_cache_file
 from ..work_io import InputRow, PartedOutput, Progress, count_images, expand_images, read_rows, read_work, result_rows
 from ..work_io.outputs import same_file
-from ..work_io.runs import file_identity, record_path, selection_identity
+from ..work_io.runs import file_identity, model_identity, record_path, selection_identity
 from ..console import EXIT_OK, EXIT_UNSCORED, say
 
 log = logging.getLogger("pickscore")
@@ -75,6 +75,17 @@ def check_args(args: Any) -> ScorerOptions:
         raise InputError("--json goes with --prompt; with --input, rows go to stdout as JSONL or to --output")
     if args.json and args.output is not None:
         raise InputError("--json prints the comparison; --output writes rows to a file: give one of them")
+    check_scorer_source(args)
+    for flag, path in (("--input", args.input), ("--output", args.output)):
+        if path is not None and str(path).lower().endswith(".parquet") and not args.ray:
+            require("pyarrow", f"{flag} *.parquet", extra="parquet")
+    if options.text_cache_file is not None:
+        check_text_cache_path(Path(options.text_cache_file), args)
+    return options
+
+
+def check_scorer_source(args: Any) -> None:
+    """--artifacts or --model with its first-use flags (add_scorer_source_args), checked before anything loads."""
     if args.artifacts is not None and args.artifacts.is_file():
         raise InputError(f"--artifacts {args.artifacts} is a file; it takes the directory `pickscore export` made")
     if args.random_init and args.artifacts is not None:
@@ -83,12 +94,19 @@ def check_args(args: Any) -> ScorerOptions:
         raise InputError("--stress plants outliers into random weights: it needs --random-init")
     if args.artifacts is not None and (args.revision is not None or args.no_verify):
         raise InputError("--revision and --no-verify go with --model; artifacts record their own source and gate")
-    for flag, path in (("--input", args.input), ("--output", args.output)):
-        if path is not None and str(path).lower().endswith(".parquet") and not args.ray:
-            require("pyarrow", f"{flag} *.parquet", extra="parquet")
-    if options.text_cache_file is not None:
-        check_text_cache_path(Path(options.text_cache_file), args)
-    return options
+    if args.artifacts is None and args.backend != "auto":
+        runnable_backend(args.backend)  # before the first use's export, not after
+
+
+def open_scorer(args: Any, options: ScorerOptions) -> Any:
+    """The PickScorer --artifacts or --model names (a model is exported and gated on first use)."""
+    from ..scorer import DEFAULT_MODEL, PickScorer
+
+    if args.artifacts is not None:
+        return PickScorer.load(args.artifacts, options=options)
+    return PickScorer.from_pretrained(args.model or DEFAULT_MODEL, revision=args.revision, random_init=args.random_init,
+                                      seed=args.seed, stress=args.stress, verify=not args.no_verify, progress=say,
+                                      options=options)
 
 
 def check_text_cache_path(cache: Path, args: Any) -> None:
@@ -109,16 +127,12 @@ def check_text_cache_path(cache: Path, args: Any) -> None:
 
 
 def run_identity(args: Any, scorer: Any, options: ScorerOptions) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(input, model): what --resume must find unchanged. The model part is what scores depend on: the
-    artifacts, the backend and precision actually running (not 'auto'), and the decoding options; it has
-    the shape the Ray job records (JobOptions.identity)."""
+    """(input, model): what --resume must find unchanged (the model part: runs.model_identity)."""
     if args.input is not None:
         source = file_identity(args.input)
     else:
         source = selection_identity(args.prompt, expand_images(args.images).images)
-    model = {"artifacts": scorer.artifacts.fingerprint, **options.identity(),
-             "backend": scorer.backend.name, "precision": scorer.backend.precision}
-    return source, model
+    return source, model_identity(scorer, options)
 
 
 def work_rows(args: Any) -> tuple[Iterator[InputRow], int | None]:
@@ -136,13 +150,9 @@ def work_rows(args: Any) -> tuple[Iterator[InputRow], int | None]:
 
 
 def cmd_score(args: Any) -> int:
-    from ..scorer import DEFAULT_MODEL, PickScorer
-
     options = check_args(args)
     if args.ray or args.ray_address is not None or args.gpus_per_worker is not None or args.ray_all_interfaces:  # scale-out: imports ray only then
         return cmd_score_ray(args, options)
-    if args.artifacts is None and options.backend != "auto":
-        runnable_backend(options.backend)  # before the first use's export, not after
     rows, total = work_rows(args)
     output = PartedOutput(args.output, resume=args.resume, overwrite=args.overwrite, part_rows=args.commit_rows,
                           inputs=[args.input] if args.input else []) if args.output else None
@@ -152,12 +162,7 @@ def cmd_score(args: Any) -> int:
             tally.earlier_rows, tally.earlier_errors = output.earlier_rows, output.earlier_errors
             say(f"resuming: {args.output} already holds {len(output.committed)} input row(s); scoring the rest")
             total = max(total - len(output.committed), 0) if total is not None else None
-        if args.artifacts is not None:
-            scorer = PickScorer.load(args.artifacts, options=options)
-        else:
-            scorer = PickScorer.from_pretrained(args.model or DEFAULT_MODEL, revision=args.revision,
-                                                random_init=args.random_init, seed=args.seed, stress=args.stress,
-                                                verify=not args.no_verify, progress=say, options=options)
+        scorer = open_scorer(args, options)
         if output is not None:
             output.begin(*run_identity(args, scorer, options), rows=lambda: work_rows(args)[0])
         if scorer.random_weights:

@@ -49,46 +49,77 @@ def cmd_score_ray(args: Any, scorer: ScorerOptions) -> int:
     """Score --input into the --output directory on Ray with the scorer's options; exit codes as
     `pickscore score`'s."""
     check_ray_args(args)  # flag mistakes are reported as such, with or without the [ray] extra
-    local = args.ray_address is None and not os.environ.get("RAY_ADDRESS") and not args.ray_all_interfaces
-    if local:  # ray.init() starts a cluster of its own (with RAY_ADDRESS set, it joins that one)
-        loopback_only()
-    ray = require("ray", "scoring on Ray (--ray)")
-    from ..artifacts import Artifacts
-    from ..results import RANDOM_WEIGHTS_BANNER
-    from .job import JobOptions, ScaleJob
+    with RaySession(args) as session:
+        from .job import ScaleJob
 
-    if Artifacts.load(args.artifacts, hash_check=scorer.hash_check).random_weights:  # a bad directory: exit 2 now
-        say(f"WARNING: {RANDOM_WEIGHTS_BANNER}")
-    options = JobOptions(os.fspath(args.artifacts), scorer, gpus_per_worker=args.gpus_per_worker,
-                         commit_rows=args.commit_rows)
-    stopped: list[int] = []
-
-    def stop(signum: int, frame: Any) -> None:
-        stopped.append(signum)
-        raise KeyboardInterrupt
-
-    with ScaleJob(str(args.input), str(args.output), options, resume=args.resume) as job:  # checked before Ray starts
-        if not job.done:
-            _quiet_ray(args.verbose)
-            ray.init(address=args.ray_address, log_to_driver=args.verbose, logging_level=logging.WARNING,
-                     **({} if args.ray_address else {"include_dashboard": False}))
-            if local:
-                check_loopback(ray)
-        saved = signal.signal(signal.SIGTERM, stop)
-        try:
-            tally = job.run(progress=say)
-        except KeyboardInterrupt:
-            say(f"stopped: the images scored so far are kept in {args.output}; rerun the same command with --resume "
-                "to finish")
-            return 128 + (stopped[0] if stopped else signal.SIGINT)
-        except Exception as e:  # noqa: BLE001 - a user error raised inside a Ray task arrives wrapped
-            raise _user_error(e) or e
-        finally:
-            signal.signal(signal.SIGTERM, saved)
-            if ray.is_initialized():
-                ray.shutdown()
+        options = session.job_options(scorer)
+        with ScaleJob(str(args.input), str(args.output), options, resume=args.resume) as job:  # checked before Ray starts
+            try:
+                tally = session.run(job, progress=say)
+            except KeyboardInterrupt:
+                say(f"stopped: the images scored so far are kept in {args.output}; rerun the same command with --resume "
+                    "to finish")
+                return session.exit_code
     say(tally.summary())
     return EXIT_UNSCORED if tally.errors else EXIT_OK
+
+
+class RaySession:
+    """The Ray cluster a command's jobs run on (--ray-address, or a local one on 127.0.0.1 only), started at
+    the first job that has work left and shut down at the end; SIGTERM stops a job as SIGINT does
+    (KeyboardInterrupt: the job's committed work is kept for --resume)."""
+
+    def __init__(self, args: Any):
+        self.args = args
+        self.local = args.ray_address is None and not os.environ.get("RAY_ADDRESS") and not args.ray_all_interfaces
+        if self.local:  # ray.init() starts a cluster of its own (with RAY_ADDRESS set, it joins that one)
+            loopback_only()
+        self.ray = require("ray", "scoring on Ray (--ray)")
+        self.signals: list[int] = []
+        self._saved: Any = None
+
+    def job_options(self, scorer: ScorerOptions) -> Any:
+        """The job's options for --artifacts (a bad directory is exit 2 now; random weights are announced)."""
+        from ..artifacts import Artifacts
+        from ..results import RANDOM_WEIGHTS_BANNER
+        from .job import JobOptions
+
+        if Artifacts.load(self.args.artifacts, hash_check=scorer.hash_check).random_weights:
+            say(f"WARNING: {RANDOM_WEIGHTS_BANNER}")
+        return JobOptions(os.fspath(self.args.artifacts), scorer, gpus_per_worker=self.args.gpus_per_worker,
+                          commit_rows=self.args.commit_rows)
+
+    def __enter__(self) -> "RaySession":
+        def stop(signum: int, frame: Any) -> None:
+            self.signals.append(signum)
+            raise KeyboardInterrupt
+
+        self._saved = signal.signal(signal.SIGTERM, stop)
+        return self
+
+    def run(self, job: Any, progress: Any = say) -> Any:
+        """Run a ScaleJob (opened: its checks are done) on the cluster; its Tally."""
+        if not job.done and not self.ray.is_initialized():
+            _quiet_ray(self.args.verbose)
+            self.ray.init(address=self.args.ray_address, log_to_driver=self.args.verbose, logging_level=logging.WARNING,
+                          **({} if self.args.ray_address else {"include_dashboard": False}))
+            if self.local:
+                check_loopback(self.ray)
+        try:
+            return job.run(progress=progress)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a user error raised inside a Ray task arrives wrapped
+            raise _user_error(e) or e
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signals[0] if self.signals else signal.SIGINT)
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._saved)
+        if self.ray.is_initialized():
+            self.ray.shutdown()
 
 
 def loopback_only() -> None:

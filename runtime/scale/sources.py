@@ -31,7 +31,7 @@ from typing import Any, Iterator
 from ..errors import InputError
 from ..optional import require
 from ..work_io import COLUMN_NAMES, InputRow, read_rows
-from ..work_io.inputs import as_text, validate_record
+from ..work_io.inputs import as_text, image_value, validate_record
 from .files import Location, locate
 
 ray_data = require("ray.data", "scoring on Ray (--ray)")
@@ -181,24 +181,13 @@ def _text_rows(f: Location) -> Iterator[tuple[int, InputRow, None, None]]:
             yield row.row, row, None, None
 
 
-def _image_value(value: Any, index: int) -> tuple[Any, bytes | None]:
-    """(what validation sees, the bytes) for one image value: a path or URI; the datasets struct {bytes, path}
-    (bytes win; a struct with a path only names a file); or plain bytes."""
-    if isinstance(value, dict) and ({"bytes", "path"} & set(value)):
-        data, path = value.get("bytes"), value.get("path")
-        return (path or f"#{index} (bytes)", bytes(data)) if data is not None else (path, None)
-    if isinstance(value, (bytes, bytearray)):
-        return f"#{index} (bytes)", bytes(value)
-    return value, None
-
-
 def record_row(values: dict[str, Any], number: int, has_id: bool, has_group: bool, extra_names: list[str]
                ) -> tuple[InputRow, list[bytes | None], dict[str, Any]]:
     """One record with columns (a Parquet row, a row of a caller's Dataset): validated as the CLI validates it,
     its images' bytes beside their names, and its other columns."""
     column = "images" if values.get("images") is not None else "image"
     raw = values.get(column)
-    pairs = [_image_value(v, j) for j, v in enumerate(raw)] if isinstance(raw, list) else [_image_value(raw, 0)]
+    pairs = [image_value(v, j) for j, v in enumerate(raw)] if isinstance(raw, list) else [image_value(raw, 0)]
     values = {**values, column: [p[0] for p in pairs] if isinstance(raw, list) else pairs[0][0]}
     row = validate_record(values, number, has_id=has_id, has_group=has_group)
     return row, [p[1] for p in pairs], {n: values.get(n) for n in extra_names}

@@ -123,14 +123,31 @@ def read_rows(path: Path) -> Iterator[InputRow]:
     fmt = file_format(path)
     if not path.is_file():
         raise InputError(f"input file {path} not found")
-    records = {"csv": _csv_records, "jsonl": _jsonl_records, "parquet": _parquet_records}[fmt](path)
-    header = next(records)  # the columns the file declares (None: JSONL, where each line has its own)
+    header, records = _records(path, fmt)
     if header is not None and ("prompt" not in header or not ({"image", "images"} & set(header))):
         raise InputError(f"{path}: rows need a 'prompt' column and an 'image' (or 'images') column; got {sorted(header)}")
     ids = _Ids({})
     for number, rec in enumerate(records, 1):
         columns = header if header is not None else set(rec.values or ())
         yield _validate(rec, number, "id" in columns, "group" in columns, ids)
+
+
+def _records(path: Path, fmt: str) -> tuple[set[str] | None, Iterator[Any]]:
+    """The columns the file declares (None: JSONL, where each line has its own) and its records."""
+    records = {"csv": _csv_records, "jsonl": _jsonl_records, "parquet": _parquet_records}[fmt](path)
+    return next(records), records
+
+
+def table_records(path: Path) -> tuple[set[str] | None, Iterator[tuple[int, int | None, dict[str, Any] | None, str | None]]]:
+    """A CSV / JSONL / Parquet file's columns (None for JSONL) and, per record, (row number, line, values,
+    problem), read as read_rows reads them (encodings, quoting, malformed lines as problems), for readers
+    of other columns than (prompt, image)."""
+    path = Path(path)
+    fmt = file_format(path)
+    if not path.is_file():
+        raise InputError(f"input file {path} not found")
+    header, records = _records(path, fmt)
+    return header, ((number, rec.line, rec.values, rec.problem) for number, rec in enumerate(records, 1))
 
 
 def validate_record(values: dict[str, Any] | None, number: int, *, line: int | None = None, problem: str | None = None,
@@ -188,6 +205,17 @@ class _Ids:
         if wanted in self.made_for:
             return f"id {wanted!r} was already given to row {first} ({self.made_for[wanted]})"
         return f"duplicate id {wanted!r} (first at row {first})"
+
+
+def image_value(value: Any, index: int) -> tuple[Any, bytes | None]:
+    """(what validation sees, the bytes) for one image value of a table: a path or URI; the datasets struct
+    {bytes, path} (bytes win; a struct with a path only names a file); or plain bytes."""
+    if isinstance(value, dict) and ({"bytes", "path"} & set(value)):
+        data, path = value.get("bytes"), value.get("path")
+        return (path or f"#{index} (bytes)", bytes(data)) if data is not None else (path, None)
+    if isinstance(value, (bytes, bytearray)):
+        return f"#{index} (bytes)", bytes(value)
+    return value, None
 
 
 SCALARS = (str, int, float, bool)

@@ -12,7 +12,6 @@ from typing import Any, Iterable
 from ..durable import write_json_atomically
 from ..errors import InputError
 from ..optional import require
-from .inputs import file_format
 
 RUN_FORMAT = "pickscore-cli-run/1"
 CHUNK = 1 << 20
@@ -24,7 +23,7 @@ def record_path(output: Path) -> Path:
 
 def file_identity(path: Path) -> dict[str, Any]:
     """An input file's content (SHA-256 of every byte: one sequential read, about a second per GB) and
-    size, plus its lines (or Parquet rows), which say how it changed when it did."""
+    size, plus its lines (or Parquet rows), which say how it changed when it did. Any kind of file."""
     path = Path(path)
     digest, size, lines = hashlib.sha256(), 0, 0
     with open(path, "rb") as f:
@@ -33,7 +32,7 @@ def file_identity(path: Path) -> dict[str, Any]:
             size += len(chunk)
             lines += chunk.count(b"\n")
     counted = {"lines": lines}
-    if file_format(path) == "parquet":
+    if path.suffix.lower() == ".parquet":
         counted = {"rows": require("pyarrow.parquet", "Parquet input").ParquetFile(path).metadata.num_rows}
     return {"path": str(path.absolute()), "size": size, "sha256": digest.hexdigest(), **counted}
 
@@ -43,6 +42,13 @@ def selection_identity(prompt: str | None, images: Iterable[str]) -> dict[str, A
     images = list(images)
     text = json.dumps([prompt, images], ensure_ascii=True)  # ascii: lone surrogates in a name stay encodable
     return {"prompt and images": hashlib.sha256(text.encode()).hexdigest(), "images": len(images)}
+
+
+def model_identity(scorer: Any, options: Any) -> dict[str, Any]:
+    """What scores depend on: the artifacts, the backend and precision actually running (not 'auto'), and
+    the decoding options (`ScorerOptions.identity`); the shape the Ray job records (JobOptions.identity)."""
+    return {"artifacts": scorer.artifacts.fingerprint, **options.identity(),
+            "backend": scorer.backend.name, "precision": scorer.backend.precision}
 
 
 def _normal(value: Any) -> Any:

@@ -10,8 +10,7 @@
 
 Also: the accuracy with tie-labelled pairs left out (threshold 0, as papers that discard ties report it),
 counts per label kind, and a bootstrap confidence interval over pairs. Pure numpy: the scoring itself is the
-runtime's normal path. This is the core of `pickscore eval preference` (issue 25): the command, the
-dataset readers and `eval compare` are not built yet.
+runtime's normal path (eval.preference scores Pick-a-Pic splits and reports with these).
 """
 
 from __future__ import annotations
@@ -88,14 +87,14 @@ class PreferenceReport:
     accuracy: float
     accuracy_ties_excluded: float | None  # None when every pair is labelled a tie
     tie_threshold: float
-    n_pairs: int
+    n_evaluated: int  # pairs in the accuracy
     label_counts: dict[str, int]
     interval: tuple[float, float]  # bootstrap, over pairs, of `accuracy`
     validation_accuracies: list[float] | None  # per THRESHOLDS candidate, when a validation split chose it
 
     def to_json(self) -> dict:
         return {"accuracy": self.accuracy, "accuracy_ties_excluded": self.accuracy_ties_excluded,
-                "tie_threshold": self.tie_threshold, "n_pairs": self.n_pairs, "label_counts": self.label_counts,
+                "tie_threshold": self.tie_threshold, "n_evaluated": self.n_evaluated, "label_counts": self.label_counts,
                 "accuracy_ci95": list(self.interval), "validation_accuracies": self.validation_accuracies}
 
 
