@@ -272,6 +272,7 @@ def generations(tiny_artifacts, tmp_path_factory):
                 value = {"bytes": pool[image], "path": None} if model == "A" else {"bytes": None, "path": str(path)}
                 rows.append({"prompt": PROMPTS[p], "model": model, "image": value})
     (tree / "C" / "3.png").write_bytes(broken)
+    (tree / "B" / "notes.txt").write_text("not a generation")  # listed, not skipped
     rows.append({"prompt": PROMPTS[3], "model": "C", "image": {"bytes": broken, "path": None}})
     manifest = folder / "manifest.parquet"
     pq.write_table(pa.Table.from_pylist(rows), manifest)
@@ -281,7 +282,7 @@ def generations(tiny_artifacts, tmp_path_factory):
             "n_prompts": {m: len(by) for m, by in given.items()}}
 
 
-def check_comparison(doc: dict, generations: dict) -> None:
+def check_comparison(doc: dict, generations: dict, n_errors: int = 1) -> None:
     models = {m["model"]: m for m in doc["models"]}
     assert sorted(models) == ["A", "B", "C"] and doc["n_prompts"] == len(PROMPTS)
     for name, m in models.items():
@@ -294,7 +295,7 @@ def check_comparison(doc: dict, generations: dict) -> None:
     assert wins["B", "C"]["win_rate"] == pytest.approx(np.mean([0.0 if p in A_WINS else 1.0 for p in range(3)]))
     missing = {(x["prompt"], x["why"]) for x in models["C"]["missing"]}
     assert missing == {(PROMPTS[3], "every image failed"), (PROMPTS[4], "no image"), (PROMPTS[5], "no image")}
-    assert doc["n_errors"] == 1 and "cannot decode" in doc["errors"][0]["error"]
+    assert doc["n_errors"] == n_errors and any("cannot decode" in e["error"] for e in doc["errors"])
 
 
 def test_compare_reproduces_the_planted_win_rates(generations, tiny_artifacts, tmp_path):
@@ -319,7 +320,9 @@ def test_compare_reads_a_folder_per_model(generations, tiny_artifacts, tmp_path)
     done = run_cli("eval", "compare", "--artifacts", str(tiny_artifacts), "--generations", str(generations["tree"]),
                    "--prompts", str(generations["prompts"]), "--precision", "fp32", "--output", str(report))
     assert done.returncode == 1, done.stderr[-3000:]
-    check_comparison(json.loads(report.read_text()), generations)
+    doc = json.loads(report.read_text())
+    check_comparison(doc, generations, n_errors=2)
+    assert any("notes.txt: not an image file type (.txt)" in e["error"] for e in doc["errors"])
     missing_prompts = run_cli("eval", "compare", "--artifacts", str(tiny_artifacts), "--generations", str(generations["tree"]))
     assert missing_prompts.returncode == 2 and "--generations needs --prompts" in missing_prompts.stderr
 
@@ -362,3 +365,37 @@ def test_on_ray_gives_the_same_report(pickapic, tiny_artifacts, tmp_path):
     assert got["validation_accuracies"] == pytest.approx(want["validation_accuracies"], abs=1e-12)
     assert [e["row"] for e in got["errors"]] == [e["row"] for e in want["errors"]]
     assert got["backend"] == "ray:auto" and got["precision"] == "fp32"
+
+
+def test_compare_refuses_to_destroy_or_misread_its_inputs(generations, tiny_artifacts, tmp_path):
+    """An output on an input, a work folder among the generations, a plot it cannot write: refused before any
+    scoring. Prompts are told apart by id, not text; an image changed under --resume is refused."""
+    base = ["eval", "compare", "--artifacts", str(tiny_artifacts), "--precision", "fp32"]
+    manifest = tmp_path / "m.csv"
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes(400))
+    manifest.write_text(f"prompt,model,image\na cat,A,{image}\na cat,B,{image}\n")
+    for extra, why in ((["--manifest", str(manifest), "--output", str(manifest)], "is the input file"),
+                       (["--manifest", str(manifest), "--plot", str(tmp_path / "p.txt")], "the plot is written as"),
+                       (["--manifest", str(manifest), "--output", str(tmp_path / "no" / "r.json")], "does not exist"),
+                       (["--generations", str(generations["tree"]), "--prompts", str(generations["prompts"]),
+                         "--work", str(generations["tree"] / "w")], "overlap")):
+        done = run_cli(*base, *extra)
+        assert done.returncode == 2 and why in done.stderr, (extra, done.stderr[-2000:])
+    work = tmp_path / "w"
+    assert run_cli(*base, "--manifest", str(manifest), "--work", str(work)).returncode == 0
+    image.write_bytes(png_bytes(401))  # the same name, other pixels
+    again = run_cli(*base, "--manifest", str(manifest), "--work", str(work), "--resume")
+    assert again.returncode == 2 and "not the one" in again.stderr, again.stderr[-2000:]
+    # two prompt ids with the same text stay two prompts
+    tree = tmp_path / "tree"
+    for model in ("A", "B"):
+        (tree / model).mkdir(parents=True)
+        for p in (0, 1):
+            (tree / model / f"{p}.png").write_bytes(png_bytes(410 + p))
+    (tmp_path / "twice.txt").write_text("a cat\na cat\n")
+    out = tmp_path / "twice.json"
+    done = run_cli(*base, "--generations", str(tree), "--prompts", str(tmp_path / "twice.txt"), "--output", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["n_prompts"] == 2 and doc["win_rates"][0]["n_prompts"] == 2

@@ -4,6 +4,8 @@ get_label / get_pred / calc_score / calc_acc, re-typed below as they are written
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -189,3 +191,49 @@ def test_compare_scores_plants_and_counts():
     models = {m["model"]: m for m in best["models"]}
     assert models["a"]["mean_score"] == pytest.approx((2.0 + 1.0 + 0.0) / 3) and models["a"]["n_images"] == 4
     assert models["b"]["missing"] == [{"prompt": "p3", "why": "every image failed"}] and best["n_errors"] == 1
+
+
+def test_prompt_files_and_ids_match_what_names_mean(tmp_path):
+    from pickscore_runtime.eval.compare import match_prompt, read_prompts
+    from pathlib import Path
+
+    txt = tmp_path / "p.txt"
+    txt.write_bytes("\ufeffa cat\r\nrain\u2028and snow\x0c falling\n\na fox\n".encode())
+    assert read_prompts(txt) == {"0": "a cat", "1": "rain\u2028and snow\x0c falling", "3": "a fox"}  # \n only ends a line
+    prompts = {"cat": "", "cat_hat": "", "12": "", "dog": "", "dog_1": ""}
+    assert match_prompt(Path("cat_hat.png"), prompts) == ("cat_hat", None)
+    assert match_prompt(Path("cat_3.png"), prompts) == ("cat", None)
+    assert match_prompt(Path("00012_0.png"), prompts) == ("12", None)
+    assert match_prompt(Path("cat_hat") / "x.png", prompts) == ("cat_hat", None)
+    key, why = match_prompt(Path("dog_1.png"), prompts)
+    assert "both prompt ids 'dog_1' and 'dog' match" in why
+    assert match_prompt(Path("\u00b2.png"), prompts)[1] == "prompt id '\u00b2' is not in the prompts file"  # no int() crash
+
+
+def test_unreadable_values_are_named_rows_not_crashes(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pickscore_runtime.eval.compare import compare_scores
+    from pickscore_runtime.eval.pickapic import Split, label_of
+    from pickscore_runtime.work_io.inputs import image_value
+
+    bad_utf8 = pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(b"\x00\x00\x00\x00\x01\x00\x00\x00\x02\x00\x00\x00"),
+                                                      pa.py_buffer(b"a\xff")])
+    table = pa.table({"caption": bad_utf8, "jpg_0": pa.array([b"x", b"y"]), "jpg_1": pa.array([b"x", b"y"]),
+                      "label_0": pa.array([1.0, 0.0])})
+    pq.write_table(table, tmp_path / "t.parquet")
+    split = Split(tmp_path / "t.parquet", "test")
+    pairs = list(split.pairs())
+    assert pairs[0].row.error is None and "'caption' column holds text that is not valid UTF-8" in pairs[1].row.error
+    assert image_value({"bytes": "abc", "path": None}, 0) == ({"bytes": "abc", "path": None}, None)
+    assert image_value({"bytes": 2**40, "path": None}, 0)[1] is None  # never bytes(2**40)
+    assert "has_label must be true or false" in label_of({"label_0": 1.0, "has_label": "false"}, 1).error
+    rows = [{"id": "1", "row": 1, "group": "a", "prompt": "p", "image": "i", "score": float("nan"), "prob": None, "error": None},
+            {"id": "2", "row": 2, "group": "b", "prompt": "p", "image": "i", "score": 1.0, "prob": None, "error": None},
+            {"id": "3", "row": 3, "group": "", "prompt": "q", "image": "i", "score": None, "prob": None,
+             "error": "row 3: no model"}]
+    doc = compare_scores(rows)
+    assert doc["n_errors"] == 2 and [m["model"] for m in doc["models"]] == ["a", "b"] and doc["n_prompts"] == 1
+    assert doc["models"][0]["missing"] == [{"prompt": "p", "why": "every image failed"}]
+    json.dumps(doc, allow_nan=False)

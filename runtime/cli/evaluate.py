@@ -16,6 +16,7 @@ from ..optional import require
 from ..options import ScorerOptions
 from ..results import RANDOM_WEIGHTS_BANNER
 from ..text_cache import check_cache_file
+from ..work_io.outputs import same_file
 from .score import GracefulStop, check_scorer_source, open_scorer
 
 REPORT_SUFFIXES = (".json", ".csv")
@@ -41,6 +42,33 @@ def check_eval_args(args: Any) -> Path | None:
     if args.text_cache_file is not None:
         check_cache_file(Path(args.text_cache_file))
     return work
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def check_outputs(args: Any, work: Path | None, inputs: list[Path], tree: Path | None = None) -> None:
+    """Before any scoring: the report (and plot) can be written where asked, and nothing this run writes is an
+    input (`tree`: a folder of generations, where a new folder would read as a model's)."""
+    written = [("--output", args.output), ("--plot", getattr(args, "plot", None))]
+    for flag, out in written:
+        if out is None:
+            continue
+        if not out.absolute().parent.is_dir():
+            raise InputError(f"{flag} {out}: the folder {out.absolute().parent} does not exist")
+        if flag == "--plot" and out.suffix.lower() not in PLOT_SUFFIXES:
+            raise InputError(f"--plot {out}: the plot is written as {', '.join(PLOT_SUFFIXES)}")
+        for f in inputs:
+            if same_file(out, f):
+                raise InputError(f"{flag} {out} is the input file {f}: writing it would destroy the input")
+        if work is not None and (same_file(out, work) or work.absolute() in out.absolute().parents):
+            raise InputError(f"{flag} {out} is inside --work {work}; write the report beside it")
+    if work is not None:
+        here = work.absolute().resolve()
+        for f in inputs + ([tree] if tree is not None else []):
+            there = f.absolute().resolve()
+            if here == there or here in there.parents or (f is tree and there in here.parents):
+                raise InputError(f"--work {work} and the input {f} overlap; give the scores a folder of their own")
 
 
 def stopped(exit_code: int, work: Path | None) -> int:
@@ -74,9 +102,13 @@ def eval_preference(args: Any) -> int:
     on_ray = args.ray or args.ray_address is not None or args.gpus_per_worker is not None or args.ray_all_interfaces
     if on_ray:
         check_eval_ray_args(args)
-    test = Split(args.data, "test")  # columns and rows checked before any model loads
+    test = Split(args.data, "test")  # columns, rows and labels checked before any model loads
     validation = Split(args.validation, "validation") if args.validation is not None else None
-    results = preference_on_ray(args, options, work, [test] + ([validation] if validation else [])) if on_ray \
+    splits = [test] + ([validation] if validation is not None else [])
+    for split in splits:
+        split.check_labels()
+    check_outputs(args, work, [f for split in splits for f in split.files])
+    results = preference_on_ray(args, options, work, splits) if on_ray \
         else preference_here(args, options, work, test, validation)
     if isinstance(results, int):
         return results  # stopped by a signal
@@ -158,6 +190,8 @@ def eval_compare(args: Any) -> int:
     work = check_eval_args(args)
     generations = manifest_generations(args.manifest) if args.manifest is not None else \
         folder_generations(args.generations, args.prompts)
+    inputs = [Path(args.manifest)] if args.manifest is not None else [Path(args.prompts)]
+    check_outputs(args, work, inputs, tree=Path(args.generations) if args.generations is not None else None)
     with GracefulStop() as stop, open_scorer(args, options) as scorer:
         if scorer.random_weights:
             say(f"WARNING: {RANDOM_WEIGHTS_BANNER}")

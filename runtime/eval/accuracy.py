@@ -105,6 +105,8 @@ def preference_report(test_scores: np.ndarray, test_label_0: Sequence[float], *,
     threshold chosen on `validation` (its scores and label_0) or given; exactly one of the two."""
     if (validation is None) == (tie_threshold is None):
         raise ValueError("give a validation split to choose the tie threshold on, or a tie_threshold, not both")
+    if tie_threshold is not None and not 0 <= tie_threshold <= 1:  # NaN included
+        raise ValueError(f"tie_threshold is compared with |p1 - p0|: a number from 0 to 1, got {tie_threshold!r}")
     validation_accuracies = None
     if validation is not None:
         tie_threshold, validation_accuracies = choose_threshold(*pair_probs(validation[0]), label_kinds(validation[1]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -47,6 +48,7 @@ class Generations:
     identity: dict[str, Any]
     n_images: int
     source: str
+    prompt_ids: dict[str, str] | None = None  # row id -> prompt id, where prompts have ids (else: grouped by text)
 
 
 def manifest_generations(path: str | os.PathLike) -> Generations:
@@ -60,16 +62,29 @@ def manifest_generations(path: str | os.PathLike) -> Generations:
         for number, line, values, problem in table_records(path)[1]:
             yield generation_item(number, line, values, problem)
 
-    n = sum(1 for _ in table_records(path)[1])
+    n, images = 0, hashlib.sha256()  # the images given as paths: what --resume must also find unchanged
+    for n, _, values, _ in table_records(path)[1]:
+        name, data = image_value((values or {}).get("image"), 0)
+        if data is None and isinstance(name, str):
+            images.update(json.dumps([n, name, file_stat(Path(name))]).encode("utf-8", "backslashreplace"))
     if n == 0:
         raise InputError(f"{path} has no rows: there is nothing to compare")
-    return Generations(items, {"manifest": file_identity(path)}, n, str(path))
+    return Generations(items, {"manifest": file_identity(path), "image_files": images.hexdigest()}, n, str(path))
+
+
+def file_stat(path: Path) -> Any:
+    """[size, mtime] of a file, or why it cannot be read: a changed image makes a resumed run refuse."""
+    try:
+        stat = path.stat()
+    except OSError as e:
+        return e.strerror
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def generation_item(number: int, line: int | None, values: dict[str, Any] | None, problem: str | None) -> WorkItem:
     """One generation as a work item (its InputRow's group is the model), or an error item naming its row."""
     values = values or {}
-    where = f"line {line}" if line is not None else f"row {number}"
+    where = f"row {number} (line {line})" if line is not None else f"row {number}"
     name, data = image_value(values.get("image"), 0)
     if data is None and isinstance(name, str) and name.strip():
         data = name
@@ -101,10 +116,12 @@ def read_prompts(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if path.suffix.lower() == ".txt":
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of prompt 0
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"--prompts {path} cannot be read as UTF-8 text ({e})") from None
-        return {prompt_id(str(i)): text for i, text in enumerate(lines) if text.strip()}
+        # only \n ends a line: a prompt may hold U+2028, a form feed or other characters splitlines() breaks on
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
+        return {str(i): line for i, line in enumerate(lines) if line.strip()}
     header, records = table_records(path)
     if header is not None and not {"id", "prompt"} <= header:
         raise InputError(f"--prompts {path} needs id and prompt columns; got {sorted(header)}")
@@ -125,7 +142,23 @@ def read_prompts(path: str | os.PathLike) -> dict[str, str]:
 def prompt_id(text: str) -> str:
     """Ids as files name them: numeric ids without their zero padding ('00012' and '12' are one prompt)."""
     text = text.strip()
-    return str(int(text)) if text.isdigit() else text
+    return str(int(text)) if text.isascii() and text.isdigit() else text
+
+
+def match_prompt(rel: Path, prompts: dict[str, str]) -> tuple[str, str | None]:
+    """A file's prompt id (from `<id>/...`, `<id>.png` or `<id>_<k>.png`) and why it has none usable: an id the
+    prompts file lacks, or a name two ids match (`cat_1.png` with ids `cat` and `cat_1`)."""
+    if len(rel.parts) > 1:
+        candidates = [prompt_id(rel.parts[0])]
+    else:
+        head, sep, tail = rel.stem.rpartition("_")
+        candidates = [prompt_id(rel.stem)] + ([prompt_id(head)] if sep and tail.isascii() and tail.isdigit() else [])
+    known = [c for c in dict.fromkeys(candidates) if c in prompts]
+    if len(known) > 1:
+        return known[0], f"both prompt ids {known[0]!r} and {known[1]!r} match its name; rename it"
+    if known:
+        return known[0], None
+    return candidates[-1], f"prompt id {' or '.join(repr(c) for c in dict.fromkeys(candidates))} is not in the prompts file"
 
 
 def folder_generations(root: str | os.PathLike, prompts_file: str | os.PathLike) -> Generations:
@@ -134,34 +167,33 @@ def folder_generations(root: str | os.PathLike, prompts_file: str | os.PathLike)
     if not root.is_dir():
         raise InputError(f"--generations {root} is not a directory (a folder per model)")
     prompts = read_prompts(prompts_file)
-    found: list[tuple[str, str, Path]] = []  # (model, prompt id, file)
+    found: list[tuple[str, str, Path, str | None]] = []  # (model, prompt id, file, problem): every file but hidden ones
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
         for f in sorted(model_dir.rglob("*")):
             rel = f.relative_to(model_dir)
-            if not f.is_file() or any(part.startswith((".", "_")) for part in rel.parts):
+            if f.is_dir() or any(part.startswith((".", "_")) for part in rel.parts):
                 continue
+            key, problem = match_prompt(rel, prompts)
             if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            key = rel.parts[0] if len(rel.parts) > 1 else f.stem.split("_")[0]
-            found.append((model_dir.name, prompt_id(key), f))
+                problem = f"not an image file type ({f.suffix or 'no suffix'})"
+            found.append((model_dir.name, key, f, problem and f"{f}: {problem}"))
     if not found:
         raise InputError(f"--generations {root} holds no images in model folders (DIR/<model>/<prompt id>.png)")
     digest = hashlib.sha256()
-    for model, key, f in found:
-        stat = f.stat()
-        digest.update(json.dumps([model, key, str(f.relative_to(root)), stat.st_size, stat.st_mtime_ns]).encode("utf-8", "backslashreplace"))
+    for model, key, f, _ in found:
+        digest.update(json.dumps([model, key, str(f.relative_to(root)), file_stat(f)]).encode("utf-8", "backslashreplace"))
 
     def items() -> Iterator[WorkItem]:
-        for number, (model, key, f) in enumerate(found, 1):
+        for number, (model, key, f, problem) in enumerate(found, 1):
             values = {"prompt": prompts.get(key), "model": model, "image": str(f)}
-            item = generation_item(number, None, values, None if key in prompts else
-                                   f"{f}: prompt id {key!r} is not in the prompts file")
+            item = generation_item(number, None, values, problem)
             item.key[0].id = str(f.relative_to(root))
             yield item
 
     identity = {"generations": {"files": len(found), "names_sizes_mtimes": digest.hexdigest()},
                 "prompts": file_identity(Path(prompts_file))}
-    return Generations(items, identity, len(found), str(root))
+    prompt_ids = {str(f.relative_to(root)): key for _, key, f, _ in found}
+    return Generations(items, identity, len(found), str(root), prompt_ids)
 
 
 def generations_from(rows: list[dict[str, Any]], source: str = "(in memory)") -> Generations:
@@ -203,29 +235,47 @@ def compare_generations(scorer: Any, generations: Generations, *, per_prompt: st
             return None
         rows = read_scores(path)
     return {"generations": generations.source, "backend": scorer.backend.name, "precision": scorer.backend.precision,
-            "random_weights": scorer.random_weights, **compare_scores(rows, per_prompt)}
+            "random_weights": scorer.random_weights, **compare_scores(rows, per_prompt, prompt_ids=generations.prompt_ids)}
 
 
 # ---- figures out ----------------------------------------------------------------------------------------
-def compare_scores(rows: list[dict[str, Any]], per_prompt: str = "best", seed: int = 0) -> dict[str, Any]:
-    """The comparison from a scores file's rows (group = model)."""
+REFUSED = ("row ", "line ")  # how the error of a generation refused before scoring starts (generation_item)
+
+
+def compare_scores(rows: list[dict[str, Any]], per_prompt: str = "best", seed: int = 0,
+                   prompt_ids: dict[str, str] | None = None) -> dict[str, Any]:
+    """The comparison from a scores file's rows (group = model). Prompts are told apart by `prompt_ids`
+    (row id -> prompt id) where given, else by their text. A generation refused before scoring (no model, a
+    bad prompt, ...) is an error and counts for no model or prompt; one that failed in scoring (an image that
+    does not decode) leaves its model without that image for its prompt."""
     if per_prompt not in PER_PROMPT:
         raise ValueError(f"per_prompt must be one of {', '.join(PER_PROMPT)}, got {per_prompt!r}")
     reduce = np.max if per_prompt == "best" else np.mean
     scores: dict[str, dict[str, list[float]]] = {}
     attempted: dict[str, set[str]] = {}
+    text: dict[str, str] = {}
     errors = []
     for r in rows:
-        model, prompt = r["group"], r["prompt"]
-        if model is not None and prompt is not None:
-            attempted.setdefault(model, set()).add(prompt)
-        if r["error"] or r["score"] is None:
-            errors.append({"id": r["id"], "row": r["row"], "model": model, "image": r["image"], "error": r["error"]})
-            continue
-        scores.setdefault(model, {}).setdefault(prompt, []).append(float(r["score"]))
-    models = sorted(set(scores) | set(attempted))
-    prompts = sorted({p for by in attempted.values() for p in by} | {p for by in scores.values() for p in by})
+        model = r["group"]
+        prompt = prompt_ids.get(r["id"], r["prompt"]) if prompt_ids is not None else r["prompt"]
+        score, error = r["score"], r["error"]
+        if error is None and (score is None or not math.isfinite(score)):
+            error = "no finite score in the scores file (edited by hand?)"
+        if error is not None:
+            errors.append({"id": r["id"], "row": r["row"], "model": model, "image": r["image"], "error": error})
+            if error.startswith(REFUSED):
+                continue
+        text.setdefault(prompt, r["prompt"])
+        attempted.setdefault(model, set()).add(prompt)
+        if error is None:
+            scores.setdefault(model, {}).setdefault(prompt, []).append(float(score))
+    models = sorted(attempted)
+    prompts = sorted({p for by in attempted.values() for p in by})
     value = {m: {p: float(reduce(v)) for p, v in scores.get(m, {}).items()} for m in models}
+
+    def named(p: str) -> dict[str, str]:
+        return {"prompt": text[p]} if text[p] == p else {"prompt": text[p], "prompt_id": p}
+
     per_model = []
     for m in models:
         have = value[m]
@@ -234,7 +284,7 @@ def compare_scores(rows: list[dict[str, Any]], per_prompt: str = "best", seed: i
             "model": m, "n_prompts": len(have), "n_images": sum(len(v) for v in scores.get(m, {}).values()),
             "mean_score": float(mean_of.mean()) if len(mean_of) else None,
             "mean_score_ci95": list(bootstrap_interval(mean_of, seed=seed)) if len(mean_of) else None,
-            "missing": [{"prompt": p, "why": "every image failed" if p in attempted.get(m, ()) else "no image"}
+            "missing": [{**named(p), "why": "every image failed" if p in attempted[m] else "no image"}
                         for p in prompts if p not in have]})
     wins = []
     for a in models:
@@ -262,6 +312,8 @@ def plot_comparison(doc: dict[str, Any], path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     rows = [m for m in doc["models"] if m["mean_score"] is not None]
+    if not rows:
+        raise InputError("no model has a scored image: there is nothing to plot")
     means = [m["mean_score"] for m in rows]
     low = [m["mean_score"] - m["mean_score_ci95"][0] for m in rows]
     high = [m["mean_score_ci95"][1] - m["mean_score"] for m in rows]

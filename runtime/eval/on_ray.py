@@ -26,7 +26,6 @@ IMAGE_STRUCT = (("bytes", "binary"), ("path", "string"))
 def job_input(split: Split, work: Path, resume: bool) -> Path:
     """The split as the Ray job's input file, written once (atomically) and reused while the split is unchanged."""
     pa = require("pyarrow", "eval --ray", extra="ray")
-    pq = require("pyarrow.parquet", "eval --ray", extra="ray")
     path, marker = work / f"{split.name}-input.parquet", work / f".{split.name}-input.json"
     identity = split.identity()
     if path.is_file() and marker.is_file():
@@ -39,6 +38,19 @@ def job_input(split: Split, work: Path, resume: bool) -> Path:
     schema = pa.schema([("id", pa.string()), ("group", pa.string()), ("prompt", pa.string()), ("images", pa.list_(image))])
     work.mkdir(parents=True, exist_ok=True)
     tmp = work / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        _write_job_input(split, tmp, schema)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    write_json_atomically(marker, identity)
+    return path
+
+
+def _write_job_input(split: Split, tmp: Path, schema: Any) -> None:
+    pa = require("pyarrow", "eval --ray", extra="ray")
+    pq = require("pyarrow.parquet", "eval --ray", extra="ray")
     with pq.ParquetWriter(str(tmp), schema) as writer:
         batch: list[dict[str, Any]] = []
         for pair in split.pairs():
@@ -51,9 +63,6 @@ def job_input(split: Split, work: Path, resume: bool) -> Path:
                 batch = []
         if batch:
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-    os.replace(tmp, path)
-    write_json_atomically(marker, identity)
-    return path
 
 
 def score_split_on_ray(session: Any, job_options: Any, split: Split, work: Path, *, resume: bool, overwrite: bool,

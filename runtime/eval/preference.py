@@ -10,6 +10,7 @@ prediction differs from the first precision's are listed (`flipped`).
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +68,11 @@ def read_split_scores(path: Path, split: Split) -> SplitScores:
         rows = by_row.get(row, [])
         captions[i] = rows[0]["prompt"] if rows else None
         scored = [r["score"] for r in rows]
-        why = next((r["error"] if r["error"].startswith(f"row {row}:") else f"row {row}: jpg_{j} ({r['image']}): {r['error']}"
-                    for j, r in enumerate(rows) if r["error"]), None)
+        why = pair_error(row, rows)
         if why is None and (len(scored) != 2 or any(s is None for s in scored)):
             why = f"row {row}: not in the scores file {path} (it does not match the split)"
+        elif why is None and not all(math.isfinite(s) for s in scored):
+            why = f"row {row}: the scores file {path} holds a non-finite score for it (edited by hand?)"
         if why is not None:
             errors[row] = why
         else:
@@ -82,6 +84,18 @@ def read_split_scores(path: Path, split: Split) -> SplitScores:
     first = next((r for r in every if r["precision"]), every[0] if every else {})
     return SplitScores(split.name, np.arange(1, n + 1), captions, scores, label_0, errors, first.get("precision") or "",
                        bool(first.get("random_weights")))
+
+
+def pair_error(row: int, rows: list[dict]) -> str | None:
+    """Why a pair has no scores, from its rows in a scores file: the pair's own error (both rows carry it),
+    else the first image's that failed, naming its column."""
+    errors = [r["error"] for r in rows]
+    if not any(errors):
+        return None
+    if len(set(errors)) == 1:
+        return errors[0] if errors[0].startswith(f"row {row}:") else f"row {row}: {errors[0]}"
+    j, r = next((j, r) for j, r in enumerate(rows) if r["error"])
+    return f"row {row}: jpg_{j} ({r['image']}): {r['error']}"
 
 
 @dataclass
@@ -129,6 +143,15 @@ def evaluate_scores(test: SplitScores, validation: SplitScores | None, tie_thres
                             predictions(p0, p1, report.tie_threshold), p0)
 
 
+def check_threshold_choice(validation: Any, tie_threshold: Any) -> None:
+    """Exactly one of a validation split and a tie threshold (a number from 0 to 1), before any scoring."""
+    if (validation is None) == (tie_threshold is None):
+        raise ValueError("give a validation split to choose the tie threshold on, or a tie_threshold, not both")
+    if tie_threshold is not None and (isinstance(tie_threshold, bool) or not isinstance(tie_threshold, (int, float))
+                                      or not 0 <= tie_threshold <= 1):
+        raise ValueError(f"tie_threshold is compared with |p1 - p0|: a number from 0 to 1, got {tie_threshold!r}")
+
+
 def as_split(data: str | Path | Split, name: str) -> Split:
     return data if isinstance(data, Split) else Split(data, name)
 
@@ -168,9 +191,7 @@ def preference_json(results: list[PreferenceResult], data: str, validation: str 
             doc["flipped"] = flipped_pairs(results[0], result)
             doc["accuracy_change"] = result.report.accuracy - results[0].report.accuracy
         per.append(doc)
-    first = {key: value for key, value in per[0].items() if key != "errors"}
-    return {"data": data, "validation": validation, **first, "errors": per[0]["errors"],
-            "by_precision": per if len(per) > 1 else None}
+    return {"data": data, "validation": validation, **per[0], "by_precision": per if len(per) > 1 else None}
 
 
 def evaluate_preference(scorer: Any, data: str | Path | Split, *, validation: str | Path | Split | None = None,
@@ -185,9 +206,10 @@ def evaluate_preference(scorer: Any, data: str | Path | Split, *, validation: st
     None when `until` stopped it early (the committed scores are kept in work_dir)."""
     from ..options import ScorerOptions
 
-    if (validation is None) == (tie_threshold is None):
-        raise ValueError("give a validation split to choose the tie threshold on, or a tie_threshold, not both")
+    check_threshold_choice(validation, tie_threshold)
     splits = [as_split(data, "test")] + ([as_split(validation, "validation")] if validation is not None else [])
+    for split in splits:
+        split.check_labels()
     options = options or ScorerOptions()
     with tempfile.TemporaryDirectory(prefix="pickscore-eval-") as tmp:
         root = Path(work_dir) if work_dir is not None else Path(tmp)

@@ -81,7 +81,8 @@ def compare_table(doc: dict[str, Any]) -> str:
         for w in doc["win_rates"]:
             lines.append(f"{w['model'] + ' > ' + w['versus']:<24} {_num(w['win_rate']):>10}  {_ci(w['win_rate_ci95']):<20} "
                          f"{w['n_prompts']:>7}")
-    missing = [f"{m['model']}: {x['why']} for {x['prompt']!r}" for m in doc["models"] for x in m["missing"]]
+    missing = [f"{m['model']}: {x['why']} for {x['prompt']!r}" + (f" (prompt id {x['prompt_id']})" if "prompt_id" in x else "")
+               for m in doc["models"] for x in m["missing"]]
     if missing:
         lines.append(f"no usable image ({len(missing)}):")
         _listed(lines, missing, "(model, prompt) pairs")

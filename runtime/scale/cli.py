@@ -107,8 +107,6 @@ class RaySession:
                 check_loopback(self.ray)
         try:
             return job.run(progress=progress)
-        except KeyboardInterrupt:
-            raise
         except Exception as e:  # noqa: BLE001 - a user error raised inside a Ray task arrives wrapped
             raise _user_error(e) or e
 

@@ -209,9 +209,12 @@ class _Ids:
 
 def image_value(value: Any, index: int) -> tuple[Any, bytes | None]:
     """(what validation sees, the bytes) for one image value of a table: a path or URI; the datasets struct
-    {bytes, path} (bytes win; a struct with a path only names a file); or plain bytes."""
+    {bytes, path} (bytes win; a struct with a path only names a file); or plain bytes. A struct whose bytes
+    are not bytes is returned as it is, for validation to refuse."""
     if isinstance(value, dict) and ({"bytes", "path"} & set(value)):
         data, path = value.get("bytes"), value.get("path")
+        if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+            return value, None
         return (path or f"#{index} (bytes)", bytes(data)) if data is not None else (path, None)
     if isinstance(value, (bytes, bytearray)):
         return f"#{index} (bytes)", bytes(value)
@@ -348,7 +351,7 @@ def _csv_records(path: Path) -> Iterator[Any]:
             if problem:
                 raise InputError(f"{path}: the header row cannot be read ({problem})")
             header = [h.strip() for h in record]
-            _refuse_repeated_columns(path, header)
+            refuse_repeated_columns(path, header)
             yield set(header)
             continue
         if problem:
@@ -395,7 +398,7 @@ def _next_csv_record(lines: Iterator, pushed_back: deque) -> tuple[list[str] | N
     return record, taken[0][0], None
 
 
-def _refuse_repeated_columns(path: Path, names: list[str]) -> None:
+def refuse_repeated_columns(path: Path, names: list[str]) -> None:
     # A repeated column would be read as whichever copy comes last, silently: which one was meant is the user's call
     seen: set[str] = set()
     for name in names:
@@ -414,11 +417,46 @@ def _parquet_records(path: Path) -> Iterator[Any]:
         file = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for an unreadable file
         raise InputError(f"{path} is not a readable Parquet file ({e})") from None
-    _refuse_repeated_columns(path, file.schema_arrow.names)
+    refuse_repeated_columns(path, file.schema_arrow.names)
     yield set(file.schema_arrow.names)
-    for batch in file.iter_batches(batch_size=4096):
-        for values in batch.to_pylist():
-            yield _Fields(None, values)
+    for values, problem in table_rows(path, file.iter_batches(batch_size=4096)):
+        yield _Fields(None, values, problem)
+
+
+def table_rows(path: Path, batches: Iterable[Any]) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    """(values, None) per row of Arrow record batches, or (None, why) for a row whose text is not UTF-8 (Arrow
+    does not check what a Parquet writer stored); a file that cannot be read on (a corrupt page, a truncated
+    file) is an InputError naming it and the rows read before."""
+    done = 0
+    batches = iter(batches)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{path} cannot be read past row {done} ({type(e).__name__}: {reason})") from None
+        if batch is None:
+            return
+        try:
+            rows: list[Any] = batch.to_pylist()
+        except UnicodeDecodeError:
+            rows = [_row_or_problem(batch, i) for i in range(batch.num_rows)]
+        for row in rows:
+            yield (None, row) if isinstance(row, str) else (row, None)
+        done += batch.num_rows
+
+
+def _row_or_problem(batch: Any, i: int) -> dict[str, Any] | str:
+    try:
+        return batch.slice(i, 1).to_pylist()[0]
+    except UnicodeDecodeError:
+        bad = []
+        for name in batch.schema.names:
+            try:
+                batch.column(name).slice(i, 1).to_pylist()
+            except UnicodeDecodeError:
+                bad.append(name)
+        return f"the {', '.join(repr(b) for b in bad)} column holds text that is not valid UTF-8"
 
 
 def count_images(path: Path) -> int | None:

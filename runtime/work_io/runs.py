@@ -72,6 +72,8 @@ def load_record(output: Path) -> dict[str, Any] | None:
         raise InputError(f"--resume: the run record {path} cannot be read ({e}); use a new --output, or --overwrite") from None
     if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
         raise InputError(f"--resume: {path} is not a run record of this version; use a new --output, or --overwrite")
+    if not (isinstance(record.get("input"), dict) and isinstance(record.get("model"), dict)):
+        raise InputError(f"--resume: the run record {path} is damaged (no input or model); use a new --output, or --overwrite")
     return record
 
 
