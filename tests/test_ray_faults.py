@@ -178,6 +178,9 @@ def nodes(tmp_path):
     if ray.is_initialized():
         ray.shutdown()  # the module's single-node cluster: one cluster at a time on a 2-core machine
     temp = tempfile.mkdtemp(prefix="psn", dir="/tmp")
+    # Cluster() writes the head's address to <tmp>/ray/ray_current_cluster whatever temp_dir says, and fails where
+    # nothing made that folder before (a fresh machine whose earlier tests all gave Ray other folders)
+    os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
     spill = tmp_path / "spill"
     spill.mkdir()
     config = {"object_spilling_config": json.dumps({"type": "filesystem", "params": {"directory_path": str(spill)}})}

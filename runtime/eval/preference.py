@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..errors import InputError
 from ..pipeline import WorkItem
 from .accuracy import PreferenceReport, label_kinds, pair_probs, predictions, preference_report
 from .pickapic import Split
@@ -157,8 +158,6 @@ def as_split(data: str | Path | Split, name: str) -> Split:
 
 
 def raise_no_pairs(split: SplitScores) -> None:
-    from ..errors import InputError
-
     first = next(iter(split.errors.values()), "")
     raise InputError(f"none of the {len(split.rows)} pair(s) of the {split.name} split could be evaluated "
                      f"(e.g. {first})")
