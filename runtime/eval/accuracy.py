@@ -82,6 +82,15 @@ def bootstrap_interval(credit: np.ndarray, level: float = 0.95, samples: int = B
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
+def check_threshold_choice(validation: object, tie_threshold: object) -> None:
+    """Exactly one of a validation split and a tie threshold (a number from 0 to 1, not NaN)."""
+    if (validation is None) == (tie_threshold is None):
+        raise ValueError("give a validation split to choose the tie threshold on, or a tie_threshold, not both")
+    if tie_threshold is not None and (isinstance(tie_threshold, bool) or not isinstance(tie_threshold, (int, float))
+                                      or not 0 <= tie_threshold <= 1):
+        raise ValueError(f"tie_threshold is compared with |p1 - p0|: a number from 0 to 1, got {tie_threshold!r}")
+
+
 @dataclass(frozen=True)
 class PreferenceReport:
     accuracy: float
@@ -103,10 +112,7 @@ def preference_report(test_scores: np.ndarray, test_label_0: Sequence[float], *,
                       tie_threshold: float | None = None) -> PreferenceReport:
     """The paper's accuracy on a test split's pair scores ([N, 2]) and labels (label_0), with the tie
     threshold chosen on `validation` (its scores and label_0) or given; exactly one of the two."""
-    if (validation is None) == (tie_threshold is None):
-        raise ValueError("give a validation split to choose the tie threshold on, or a tie_threshold, not both")
-    if tie_threshold is not None and not 0 <= tie_threshold <= 1:  # NaN included
-        raise ValueError(f"tie_threshold is compared with |p1 - p0|: a number from 0 to 1, got {tie_threshold!r}")
+    check_threshold_choice(validation, tie_threshold)
     validation_accuracies = None
     if validation is not None:
         tie_threshold, validation_accuracies = choose_threshold(*pair_probs(validation[0]), label_kinds(validation[1]))

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..pipeline import WorkItem
-from .accuracy import PreferenceReport, label_kinds, pair_probs, predictions, preference_report
+from .accuracy import PreferenceReport, check_threshold_choice, label_kinds, pair_probs, predictions, preference_report
 from .pickapic import Split
 from .scoring import read_scores, score_work
 
@@ -142,15 +142,6 @@ def evaluate_scores(test: SplitScores, validation: SplitScores | None, tie_thres
     p0, p1 = pair_probs(test.scores[ok])
     return PreferenceResult(backend, test.precision, test.random_weights, report, test, validation,
                             predictions(p0, p1, report.tie_threshold), p0)
-
-
-def check_threshold_choice(validation: Any, tie_threshold: Any) -> None:
-    """Exactly one of a validation split and a tie threshold (a number from 0 to 1), before any scoring."""
-    if (validation is None) == (tie_threshold is None):
-        raise ValueError("give a validation split to choose the tie threshold on, or a tie_threshold, not both")
-    if tie_threshold is not None and (isinstance(tie_threshold, bool) or not isinstance(tie_threshold, (int, float))
-                                      or not 0 <= tie_threshold <= 1):
-        raise ValueError(f"tie_threshold is compared with |p1 - p0|: a number from 0 to 1, got {tie_threshold!r}")
 
 
 def as_split(data: str | Path | Split, name: str) -> Split:
