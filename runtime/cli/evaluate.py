@@ -15,6 +15,7 @@ from ..errors import InputError
 from ..optional import require
 from ..options import ScorerOptions
 from ..results import RANDOM_WEIGHTS_BANNER
+from ..scale.cli import check_cluster_args, check_shared_artifacts, ray_requested
 from ..text_cache import check_cache_file
 from ..work_io.outputs import same_file
 from .score import GracefulStop, check_scorer_source, open_scorer
@@ -99,9 +100,10 @@ def eval_preference(args: Any) -> int:
         raise InputError(f"--tie-threshold is compared with |p1 - p0|, between 0 and 1; got {args.tie_threshold}")
     options = ScorerOptions.per_precision(args)
     work = check_eval_args(args)
-    on_ray = args.ray or args.ray_address is not None or args.gpus_per_worker is not None or args.ray_all_interfaces
+    on_ray = ray_requested(args)
     if on_ray:
-        check_eval_ray_args(args)
+        check_cluster_args(args)
+        check_shared_artifacts(args)
     test = Split(args.data, "test")  # columns, rows and labels checked before any model loads
     validation = Split(args.validation, "validation") if args.validation is not None else None
     splits = [test] + ([validation] if validation is not None else [])
@@ -139,17 +141,6 @@ def preference_here(args: Any, options: list[ScorerOptions], work: Path | None, 
                 return stopped(stop.exit_code, work)
             results.append(result)
     return results
-
-
-def check_eval_ray_args(args: Any) -> None:
-    if not args.ray:
-        raise InputError("--ray-address, --ray-all-interfaces and --gpus-per-worker go with --ray")
-    if args.artifacts is None:
-        raise InputError("--ray needs --artifacts DIR on storage every node can read (export it first with "
-                         "`pickscore export`)")
-    if args.ray_all_interfaces and args.ray_address is not None:
-        raise InputError("--ray-all-interfaces is for the local cluster --ray starts; with --ray-address the cluster "
-                         "is already running")
 
 
 def preference_on_ray(args: Any, options: list[ScorerOptions], work: Path | None, splits: list[Any]) -> list | int:

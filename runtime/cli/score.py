@@ -17,7 +17,7 @@ from ..optional import require
 from ..options import ScorerOptions
 from ..pipeline import WorkItem
 from ..results import RANDOM_WEIGHTS_BANNER, PromptResult
-from ..scale.cli import cmd_score_ray
+from ..scale.cli import cmd_score_ray, ray_requested
 from ..text_cache import check_cache_file
 from ..work_io import InputRow, PartedOutput, Progress, count_images, expand_images, read_rows, read_work, result_rows
 from ..work_io.outputs import same_file
@@ -151,7 +151,7 @@ def work_rows(args: Any) -> tuple[Iterator[InputRow], int | None]:
 
 def cmd_score(args: Any) -> int:
     options = check_args(args)
-    if args.ray or args.ray_address is not None or args.gpus_per_worker is not None or args.ray_all_interfaces:  # scale-out: imports ray only then
+    if ray_requested(args):  # scale-out: imports ray only then
         return cmd_score_ray(args, options)
     rows, total = work_rows(args)
     output = PartedOutput(args.output, resume=args.resume, overwrite=args.overwrite, part_rows=args.commit_rows,

@@ -17,16 +17,12 @@ from ..work_io.runs import model_identity
 SCORE_COLUMNS = ["id", "row", "group", "prompt", "image", "score", "prob", "error", "random_weights", "precision"]
 
 
-class Stopped(Exception):
-    """A run stopped by a signal before its work was done (what it committed is kept for --resume)."""
-
-
 def score_work(scorer: Any, options: Any, items: Callable[[], Iterator[WorkItem]], input_identity: dict[str, Any], path: Path, *,
                resume: bool = False, overwrite: bool = False, commit_rows: int = 2000, total_images: int | None = None,
                until: Callable[[Iterable[WorkItem]], Iterator[WorkItem]] = iter,
                progress: Callable[[str], None] = lambda message: None) -> bool:
-    """Score `items()` with `scorer` (opened with `options`: ScorerOptions) (called again to name a changed row when resuming) into `path`, skipping what an
-    earlier run committed. `until`: wraps the item stream to stop early (a signal handler's). True when every
+    """Score `items()` with `scorer` (opened with `options`, a ScorerOptions) into `path`, skipping what an
+    earlier run committed (`items` is called again to name a changed row when resuming). `until`: wraps the item stream to stop early (a signal handler's). True when every
     item is in the file; False when `until` stopped it (the committed parts are kept for --resume)."""
     out = PartedOutput(path, resume=resume, overwrite=overwrite, part_rows=commit_rows)
     try:

@@ -4,6 +4,7 @@ dict itself."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 from typing import Any
 
@@ -109,15 +110,13 @@ def compare_csv_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
-    """The rows, written to a temporary file and renamed into place."""
-    from ..durable import sync_dir
+    """The rows as CSV, written atomically (durable.atomic_write): a report is small."""
+    from pathlib import Path
 
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    sync_dir(os.path.dirname(os.path.abspath(path)))
+    from ..durable import atomic_write
+
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(Path(path), [text.getvalue().encode("utf-8")])

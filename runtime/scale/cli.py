@@ -21,8 +21,14 @@ RAY_ONLY = (("ray_address", "--ray-address"), ("gpus_per_worker", "--gpus-per-wo
 RAY_MULTI_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def check_ray_args(args: Any) -> None:
-    """Flag combinations, before a cluster or a model is touched."""
+def ray_requested(args: Any) -> bool:
+    """Whether the command asked for Ray at all (--ray or any of its settings: check_cluster_args judges them)."""
+    return bool(args.ray or args.ray_address is not None or args.gpus_per_worker is not None or args.ray_all_interfaces)
+
+
+def check_cluster_args(args: Any) -> None:
+    """The Ray flags every command that takes them (add_ray_args) shares: its settings only with --ray, one way
+    to reach a cluster."""
     everywhere = getattr(args, "ray_all_interfaces", False)
     if not args.ray:
         given = [flag for name, flag in RAY_ONLY if getattr(args, name, None) is not None]
@@ -30,13 +36,22 @@ def check_ray_args(args: Any) -> None:
     if everywhere and args.ray_address is not None:
         raise InputError("--ray-all-interfaces is for the local cluster --ray starts; with --ray-address the cluster "
                          "is already running")
+
+
+def check_shared_artifacts(args: Any) -> None:
+    if args.artifacts is None:
+        raise InputError("--ray needs --artifacts DIR on storage every node can read (export it first with "
+                         "`pickscore export`)")
+
+
+def check_ray_args(args: Any) -> None:
+    """Flag combinations, before a cluster or a model is touched."""
+    check_cluster_args(args)
     if args.input is None or args.output is None:
         raise InputError("--ray needs --input SRC (a file or a directory of them) and --output OUT_DIR")
     if args.images:
         raise InputError("--ray reads its work from --input, not from IMAGE arguments")
-    if args.artifacts is None:
-        raise InputError("--ray needs --artifacts DIR on storage every node can read (export it first with "
-                         "`pickscore export`)")
+    check_shared_artifacts(args)
     if args.overwrite:
         raise InputError("--ray does not replace an output: give a new or empty OUT_DIR, or --resume to finish one")
     if str(args.output).lower().endswith((".csv", ".jsonl", ".ndjson")):
