@@ -209,7 +209,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "cpu": Preset("the shipped CPU paths and what auto serves here against the model card's PyTorch code (fp32 and "
                   "bf16 autocast), vision and text towers: RESULTS.md's comparison",
-                  specs("torch:fp32", "torch:bf16", "onnx-cpu:fp32", "onnx-cpu:int8", AUTO), (1, 4), ("vision", "text"),
+                  specs("torch:fp32", "torch:bf16", "onnx-cpu:fp32", "onnx-cpu:int8", "openvino:int8", AUTO), (1, 4),
+                  ("vision", "text"),
                   min_calls=2, min_seconds=1.0),
     "cpu-e2e": Preset("files on disk to scores on the CPU: vision tower alone against the end-to-end JPEG and PNG "
                       "pipeline (decoding threads: --workers)",

@@ -5,6 +5,9 @@ passed gate v3 on these very towers, and never one that failed on the backend as
 Records are keyed by backend and precision and carry the artifacts' fingerprint, so a record made for
 other towers (the directory re-exported) is ignored rather than trusted. A pass on any backend counts
 for the towers' precision (the gate judges the exported graph); a failure counts for its own backend.
+A precision a backend derives at load (openvino's int8 and bf16, from the fp32 files) is another
+computation: only that backend's own record counts, and only on a CPU with the SIMD flags it was made on
+(its kernels differ with them), so each record also keeps what ran (`runs`) and those flags (`simd`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class GateStatus:
     state: str  # "passed", "failed" or "ungated"
     failures: tuple[str, ...] = ()
     backend: str | None = None  # where the deciding record was made
+    note: str | None = None  # why a record that exists was not taken as a verdict here
 
 
 class GateWarning(UserWarning):
@@ -42,7 +46,8 @@ def record_problem(key: Any, record: Any) -> str | None:
     for field, ok in (("passed", lambda v: isinstance(v, bool)),
                       ("failures", lambda v: v is None or (isinstance(v, list) and all(isinstance(f, str) for f in v))),
                       ("gate_version", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
-                      ("fingerprint", lambda v: isinstance(v, str))):
+                      ("fingerprint", lambda v: isinstance(v, str)),
+                      ("simd", lambda v: v is None or (isinstance(v, list) and all(isinstance(f, str) for f in v)))):
         if not ok(record.get(field)):
             return f"its {field!r} is {record.get(field)!r}"
     return None
@@ -81,19 +86,30 @@ def record_gate_results(root: str | Path, fingerprint: str, reports: Iterable[Ma
     for r in reports:
         records[f"{r['backend']}/{r['precision']}"] = {
             "passed": bool(r["passed"]), "failures": list(r.get("failures", [])), "gate_version": r.get("gate_version"),
-            "weights": r.get("weights"), "fingerprint": fingerprint}
+            "weights": r.get("weights"), "fingerprint": fingerprint, "runs": r.get("runs"),
+            "simd": (r.get("machine") or {}).get("simd")}
     path = Path(root) / GATE_FILE
     write_json_atomically(path, records)
     return path
 
 
-def gate_status(root: str | Path, fingerprint: str, backend: str, precision: str) -> GateStatus:
-    """Whether `precision` may be served by `auto` on `backend` for the towers with this fingerprint."""
+def gate_status(root: str | Path, fingerprint: str, backend: str, precision: str,
+                derived_on: list[str] | None = None) -> GateStatus:
+    """Whether `precision` may be served by `auto` on `backend` for the towers with this fingerprint.
+    derived_on: for a precision the backend derives at load, this CPU's SIMD flags (machine.simd_flags): only
+    the backend's own record counts, and only one made with the same flags."""
     mine = {key: rec for key, rec in read_gate_records(root).items()
             if rec["fingerprint"] == fingerprint and key.endswith(f"/{precision}")}
     own = mine.get(f"{backend}/{precision}")
     if own is not None and own.get("passed") is False:
         return GateStatus("failed", tuple(own.get("failures") or ()), backend)
+    if derived_on is not None:
+        if own is None or (own.get("gate_version") or 0) < GATE_VERSION:
+            return GateStatus("ungated")
+        if own.get("simd") != derived_on:
+            return GateStatus("ungated", note=f"its record was made on a CPU with other SIMD flags "
+                                              f"({', '.join(own.get('simd') or ['none recorded'])}; here: {', '.join(derived_on)})")
+        return GateStatus("passed", backend=backend)
     for key, rec in mine.items():
         if rec.get("passed") is True and (rec.get("gate_version") or 0) >= GATE_VERSION:
             return GateStatus("passed", backend=key.split("/", 1)[0])

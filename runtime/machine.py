@@ -34,6 +34,11 @@ def cpu_model_and_flags() -> tuple[str, set[str]]:
     return cpu, flags
 
 
+def simd_flags() -> list[str]:
+    """This CPU's flags among SIMD_FLAGS, sorted: what a measurement or a gate verdict on CPU kernels depends on."""
+    return sorted(cpu_model_and_flags()[1] & SIMD_FLAGS)
+
+
 def _memory_gb() -> float | None:
     try:
         with open("/proc/meminfo") as f:
@@ -48,11 +53,11 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     Python, ONNX Runtime, the OS, and the SIMD flags that decide int8 / bf16 speed (`simd`)."""
     import onnxruntime
 
-    cpu, flags = cpu_model_and_flags()
+    cpu = cpu_model_and_flags()[0]
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "threads": threads or os.cpu_count(),
             "memory_gb": _memory_gb(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "platform": platform.platform(), "simd": sorted(flags & SIMD_FLAGS)}
+            "platform": platform.platform(), "simd": simd_flags()}
 
 
 def gpu_info() -> dict[str, Any] | None:

@@ -129,7 +129,8 @@ class ScorerOptions:
         gpu = " > ".join(n for n in AUTO_ORDER if BACKENDS[n].device == "cuda")
         group = parser.add_argument_group("scorer")
         group.add_argument("--backend", default="auto", choices=names,
-                           help=f"inference backend (default auto: the fastest that can run here, {gpu} > onnx-cpu)")
+                           help=f"inference backend (default auto: the fastest that can run here, {gpu} > openvino (int8 "
+                                "where it passed `pickscore verify` on this CPU, which has VNNI) > onnx-cpu)")
         about = ("fp32 (exact) | fp16 | int8 | bf16 (torch backends); default: the backend's first that the artifacts "
                  "carry (auto: int8 on a CPU where it passed the gate)")
         if several_precisions:

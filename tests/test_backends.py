@@ -4,13 +4,14 @@ the overlap seam, input checks before anything runs, and the torch backend again
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import numpy as np
 import pytest
 
 from helpers import load_quietly, run_cli
 from pickscore_runtime.artifacts import Artifacts
-from pickscore_runtime.backends import AUTO_ORDER, BACKENDS, create_backend, resolve_precision, select_backend
+from pickscore_runtime.backends import AUTO_ORDER, BACKENDS, GateWarning, create_backend, resolve_precision, select_backend
 from pickscore_runtime.backends.base import BackendInputError, Done
 from pickscore_runtime.errors import BackendUnavailableError, MissingExtraError, PickScoreError
 from pickscore_runtime.inflight import InFlight, embed_in_flight
@@ -48,8 +49,20 @@ def test_precision_errors_name_the_fix(artifacts, tmp_path):
 
 
 def test_auto_takes_the_first_backend_that_can_run_here(artifacts):
-    info, precision, why = select_backend(artifacts, "auto")
-    runnable = [name for name in AUTO_ORDER if BACKENDS[name].unavailable() is None]
+    def eligible(name: str) -> bool:  # runs here, auto does not pass it over on this CPU, and a precision is gated
+        info = BACKENDS[name]
+        if info.unavailable() or (info.auto_skips and info.auto_skips()):
+            return False
+        try:
+            resolve_precision(artifacts, info, None, auto=True)
+        except BackendUnavailableError:
+            return False
+        return True
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GateWarning)
+        info, precision, why = select_backend(artifacts, "auto")
+        runnable = [name for name in AUTO_ORDER if eligible(name)]
     assert info.name == runnable[0]
     assert precision == BACKENDS[info.name].auto_precisions[0]
     for skipped in AUTO_ORDER[: AUTO_ORDER.index(info.name)]:

@@ -230,7 +230,8 @@ def test_presets_name_runnable_scenarios():
             assert parse_backend_specs(str(spec)) == [spec], name  # and written as the CLI reads them
     # every CPU row has both torch references, auto shows what this machine would serve, and the text tower
     # (once per prompt, the cost when prompts are unique) is measured beside the vision tower
-    assert [str(s) for s in preset("cpu").backends] == ["torch:fp32", "torch:bf16", "onnx-cpu:fp32", "onnx-cpu:int8", "auto"]
+    assert [str(s) for s in preset("cpu").backends] == ["torch:fp32", "torch:bf16", "onnx-cpu:fp32", "onnx-cpu:int8",
+                                                    "openvino:int8", "auto"]
     assert preset("cpu").stages == ("vision", "text")
     with pytest.raises(PickScoreError, match="known: cpu, cpu-e2e"):
         preset("fastest")

@@ -195,6 +195,9 @@ def test_verify_records_its_verdicts_and_auto_never_picks_a_failed_precision(str
     assert all(isinstance(r["machine"]["simd"], list) for r in reports)  # int8 numerics depend on the CPU's ISA
     assert {f"onnx-cpu/{r['precision']}": r["passed"] for r in reports}.items() <= {
         k: v["passed"] for k, v in records.items()}.items()
+    for r in reports:  # what ran and on which CPU: a derived precision's verdict holds only on a CPU like it
+        assert (records[f"onnx-cpu/{r['precision']}"]["runs"], records[f"onnx-cpu/{r['precision']}"]["simd"]) == \
+            (r["runs"], r["machine"]["simd"])
 
     artifacts = Artifacts.load(art, hash_check="size")
     int8 = next(r for r in reports if r["precision"] == "int8")

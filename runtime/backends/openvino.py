@@ -7,15 +7,17 @@ One compiled model per tower, dynamic batch (and sequence) axes as exported, `PE
 - `fp32`: the fp32 ONNX with `INFERENCE_PRECISION_HINT=f32`: exact, gated as fp32.
 - `bf16`: the same fp32 ONNX with the hint `bf16`: OpenVINO runs its matmuls in bf16 where the CPU has
   AVX512-BF16 or AMX, and silently in f32 where it has not (an AVX2-only CPU).
-- `int8`: our int8 ONNX (ONNX Runtime's dynamic quantisation: DynamicQuantizeLinear + MatMulInteger, the
-  text tower fp32) with the hint `bf16` for what the int8 plan keeps in fp32. OpenVINO's ONNX frontend
-  decomposes the quantisation into arithmetic and runs the integer matmuls on its own kernels: in f32 on
-  CPUs without int8 support in those kernels (the products are exact integers; see `effective_precision`).
+- `int8`: the same fp32 ONNX, the vision tower's matmul weights made int8 at load (one scale per output
+  column: openvino_weights.py), its activations quantised per token in groups of 128 channels as it runs
+  (DYNAMIC_QUANTIZATION_GROUP_SIZE), f32 for the rest of it and for the text tower (exact, as in onnx-cpu's
+  int8). Not ONNX Runtime's int8 graph: OpenVINO runs that graph's integer matmuls on float kernels, at no int8
+  speed.
 
 What a hint asks for and what runs can differ, so the backend reads the compiled models back:
-`effective_precision` names the precisions the matmul kernels (FullyConnected, MatMul, Convolution) really
-run ("fp32", "bf16", "int8+bf16"...; "fp32 (int8 emulated)" where the int8 plan's quantisation runs but its
-integer matmuls run on f32 kernels, as on an AVX2-only CPU), and `kernel_precisions` counts them per tower.
+`effective_precision` names the precisions the vision tower's matmul kernels (FullyConnected, MatMul,
+Convolution) really run ("fp32", "bf16", "int8+fp32"...; "(int8 weights)" where the plugin declined dynamic
+quantisation and widens int8 weights to float), then the text tower's where they differ ("int8+fp32; text
+fp32"), and `kernel_precisions` counts them per tower.
 Bench rows and verify reports name it (`runs`, through base.effective_precision)."""
 
 from __future__ import annotations
@@ -33,11 +35,17 @@ from ..errors import PickScoreError
 from ..optional import require
 from ..towers import TOWERS
 from .base import BackendBase
+from .openvino_weights import ACTIVATION_GROUP, compress_matmul_weights
 from .registry import BACKENDS
 
 log = logging.getLogger("pickscore")
 
-HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}  # INFERENCE_PRECISION_HINT per precision
+# INFERENCE_PRECISION_HINT per precision and tower. int8: f32 around the vision tower's int8 matmuls (with bf16
+# there it failed gate v3 on stress weights) and in the text tower (bf16 passed at full size but failed on the tiny
+# model; int8 text failed at full size): benchmarks/QUANTIZATION.md
+HINTS = {"fp32": {"text": "f32", "vision": "f32"}, "bf16": {"text": "bf16", "vision": "bf16"},
+         "int8": {"text": "f32", "vision": "f32"}}
+INT8_TOWERS = ("vision",)  # the towers whose weights int8 makes int8
 MATMULS = ("FullyConnected", "MatMul", "Convolution", "ScaledDotProductAttention")  # layer types whose precision counts
 KERNEL_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "u8": "int8", "i8": "int8"}
 ORDER = ("int8", "fp16", "bf16", "fp32")
@@ -69,25 +77,30 @@ class OpenVinoBackend(BackendBase):
         self.name, self.precision, self.batch_size = name, precision, batch_size
         self.device = "cpu"
         self.specs = artifacts.specs()
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": HINTS[precision],
+        config = {"PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": int(threads or int(os.environ.get("PICKSCORE_THREADS", 0)) or 0)}
         core, files = ov.Core(), BACKENDS["openvino"].files_for(precision)
-        self._compiled = {tower: core.compile_model(core.read_model(str(artifacts.tower_file(tower, files))), "CPU", config)
-                          for tower in TOWERS}
+        models = {tower: core.read_model(str(artifacts.tower_file(tower, files))) for tower in TOWERS}
+        if precision == "int8":
+            self.int8_matmuls = {tower: compress_matmul_weights(models[tower]) for tower in INT8_TOWERS}
+            config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = ACTIVATION_GROUP
+        self._compiled = {tower: core.compile_model(model, "CPU", {**config, "INFERENCE_PRECISION_HINT": HINTS[precision][tower]})
+                          for tower, model in models.items()}
         # an InferRequest runs one call at a time and its output tensor is reused: one per tower, behind a lock
         self._requests = {tower: compiled.create_infer_request() for tower, compiled in self._compiled.items()}
         self._locks = {tower: threading.Lock() for tower in TOWERS}
         self.inference_precision = {tower: c.get_property("INFERENCE_PRECISION_HINT").to_string()
                                     for tower, c in self._compiled.items()}
         self.kernel_precisions = {tower: dict(kernel_precisions(c)) for tower, c in self._compiled.items()}
-        self.effective_precision = describe(Counter(self.kernel_precisions["vision"]))
-        if precision == "int8" and "int8" not in self.kernel_precisions["vision"]:
-            self.effective_precision += " (int8 emulated)"  # int8 rounding, integer products on float kernels
+        vision, text = (describe(Counter(self.kernel_precisions[tower])) for tower in ("vision", "text"))
+        if precision == "int8" and not self._compiled["vision"].get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"):
+            vision += " (int8 weights)"  # the plugin declined dynamic quantisation: float products
+        self.effective_precision = vision if text == vision else f"{vision}; text {text}"
         self.version = ov.get_version()
-        asked = {"fp32": "fp32", "bf16": "bf16", "int8": "int8+bf16"}[precision]
+        asked = {"fp32": "fp32", "bf16": "bf16", "int8": "int8+fp32; text fp32"}[precision]
         if self.effective_precision != asked:
-            log.info("backend %s/%s runs its vision matmuls in %s on this CPU (OpenVINO %s; text tower: %s)", name,
-                     precision, self.effective_precision, self.version, describe(Counter(self.kernel_precisions["text"])))
+            log.info("backend %s/%s runs %s on this CPU (OpenVINO %s)", name, precision, self.effective_precision,
+                     self.version)
 
     def _run(self, tower: str, array: np.ndarray) -> np.ndarray:
         """Run one tower on an input the base class has checked."""

@@ -16,6 +16,7 @@ from typing import Callable
 from ..artifacts import Artifacts
 from ..errors import BackendUnavailableError, PickScoreError
 from ..gate_records import GateWarning, gate_status
+from ..machine import simd_flags
 from ..optional import findable
 from ..precisions import EXACT, NAMES
 from .base import Backend
@@ -60,6 +61,13 @@ def _probe_tensorrt() -> str | None:
 
 def _probe_openvino() -> str | None:
     return _missing("openvino")
+
+
+def _auto_skips_openvino() -> str | None:
+    if not set(simd_flags()) & {"avx512_vnni", "amx_int8"}:
+        # measured on AVX-512 VNNI only (issue 22); without it onnx-cpu's int8 is the measured path
+        return "its int8 was measured faster than onnx-cpu's on CPUs with AVX-512 VNNI only, and this one has none"
+    return None
 
 
 def _probe_torch() -> str | None:
@@ -112,9 +120,15 @@ class BackendInfo:
     about: str
     options: tuple[BackendOption, ...] = ()  # what its create() takes beyond batch size and threads
     reads: tuple[tuple[str, str], ...] = ()  # (precision, exported precision whose files it runs): bf16 from fp32
+    auto_skips: Callable[[], str | None] | None = None  # why auto passes it over on this machine, though it can run
 
     def unavailable(self) -> str | None:
         return self.probe()
+
+    def derives(self, precision: str) -> bool:
+        """Whether it makes `precision` at load from another precision's files (openvino's int8 from fp32): a
+        computation of its own, which only its own gate record, made on a CPU like this one, vouches for."""
+        return precision in dict(self.reads)
 
     def files_for(self, precision: str | None) -> str | None:
         """The exported precision whose tower files this backend runs for `precision` (openvino's bf16: fp32)."""
@@ -138,13 +152,14 @@ BACKENDS: dict[str, BackendInfo] = {b.name: b for b in (
     BackendInfo("torch", "cpu", "pickscore_runtime.backends.torch_backend", ("fp32", "bf16"), ("fp32",), 8,
                 "weights", "torch", _probe_torch, "the model card's PyTorch code on the CPU (fp32; bf16 = autocast)",
                 TORCH_OPTIONS),
-    # optional, not in AUTO_ORDER: auto needs it measured and gated on a BF16/VNNI CPU first (issue 22)
-    BackendInfo("openvino", "cpu", "pickscore_runtime.backends.openvino", ("fp32", "bf16", "int8"), ("int8", "bf16", "fp32"),
+    # auto: int8 only (its bf16 failed the gate and its fp32 is no faster than onnx-cpu's; benchmarks/QUANTIZATION.md),
+    # only on CPUs with VNNI, and only where `pickscore verify --backend openvino --precision int8` passed here
+    BackendInfo("openvino", "cpu", "pickscore_runtime.backends.openvino", ("fp32", "bf16", "int8"), ("int8",),
                 8, "artifacts", "openvino", _probe_openvino,
-                "OpenVINO on the CPU, from the ONNX (bf16: the fp32 ONNX with a bf16 inference hint)", (),
-                (("bf16", "fp32"),)),
+                "OpenVINO on the CPU, from the fp32 ONNX (int8: int8 weights made at load, activations quantised as it "
+                "runs; bf16: a bf16 inference hint)", (), (("bf16", "fp32"), ("int8", "fp32")), _auto_skips_openvino),
 )}
-AUTO_ORDER = ("tensorrt", "onnx-cuda", "torch-cuda", "onnx-cpu")
+AUTO_ORDER = ("tensorrt", "onnx-cuda", "torch-cuda", "openvino", "onnx-cpu")
 PRECISIONS = NAMES
 
 
@@ -177,7 +192,8 @@ def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | 
             continue
         if not auto or p == EXACT:
             return p
-        status = gate_status(artifacts.root, artifacts.fingerprint, info.name, p)
+        status = gate_status(artifacts.root, artifacts.fingerprint, info.name, p,
+                             derived_on=simd_flags() if info.derives(p) else None)
         if status.state == "passed":
             return p
         if status.state == "failed":
@@ -186,10 +202,11 @@ def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | 
                           f"({'; '.join(status.failures) or 'see gate.json'}); ask for it with --precision {p}",
                           GateWarning, stacklevel=3)
         else:
-            why = f"{p} has not passed the numerics gate on these towers"
-            warnings.warn(f"auto: not {p} on {info.name}: it has not passed the numerics gate on these towers; to serve "
-                          f"it, run `pickscore verify --artifacts {artifacts.root} --precision {p}` once "
-                          f"(or ask for it with --precision {p})", GateWarning, stacklevel=3)
+            here = f" here ({status.note})" if status.note else ""
+            why = f"{p} has not passed the numerics gate on these towers{here}"
+            warnings.warn(f"auto: not {p} on {info.name}: it has not passed the numerics gate on these towers{here}; to "
+                          f"serve it, run `pickscore verify --artifacts {artifacts.root} --backend {info.name} --precision "
+                          f"{p}` once (or ask for it with --precision {p})", GateWarning, stacklevel=3)
         refused.append(why)
     raise BackendUnavailableError(f"backend {info.name} runs {', '.join(info.auto_precisions if auto else info.precisions)}"
                                   f"{' (gated)' if auto else ''}, but {artifacts.root} has only {', '.join(have)}"
@@ -215,7 +232,7 @@ def select_backend(artifacts: Artifacts, name: str = "auto", precision: str | No
     skipped = []
     for candidate in AUTO_ORDER:
         info = BACKENDS[candidate]
-        reason = info.unavailable()
+        reason = info.unavailable() or (info.auto_skips and info.auto_skips())
         if reason is None:
             try:
                 chosen = resolve_precision(artifacts, info, precision, auto=True)
