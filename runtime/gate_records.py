@@ -94,12 +94,14 @@ def record_gate_results(root: str | Path, fingerprint: str, reports: Iterable[Ma
 
 
 def gate_status(root: str | Path, fingerprint: str, backend: str, precision: str,
-                derived_on: list[str] | None = None) -> GateStatus:
+                derived_on: list[str] | None = None, deriving: Iterable[str] = ()) -> GateStatus:
     """Whether `precision` may be served by `auto` on `backend` for the towers with this fingerprint.
     derived_on: for a precision the backend derives at load, this CPU's SIMD flags (machine.simd_flags): only
-    the backend's own record counts, and only one made with the same flags."""
+    the backend's own record counts, and only one made with the same flags. deriving: the backends that derive
+    `precision` themselves, whose passes vouch for nobody else's."""
     mine = {key: rec for key, rec in read_gate_records(root).items()
-            if rec["fingerprint"] == fingerprint and key.endswith(f"/{precision}")}
+            if rec["fingerprint"] == fingerprint and key.endswith(f"/{precision}")
+            and (key.split("/", 1)[0] == backend or key.split("/", 1)[0] not in set(deriving))}
     own = mine.get(f"{backend}/{precision}")
     if own is not None and own.get("passed") is False:
         return GateStatus("failed", tuple(own.get("failures") or ()), backend)

@@ -105,6 +105,15 @@ def test_auto_takes_openvino_int8_only_on_a_vnni_cpu_with_its_own_gate_record_fr
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert auto() == ("onnx-cpu", "int8")
+    # and openvino's pass does not vouch for onnx-cpu's int8 graph either: without its own, onnx-cpu serves fp32
+    record_gate_results(art, loaded.fingerprint, [{**passed, "backend": "onnx-cpu", "passed": False, "failures": ["x"]}])
+    with pytest.warns(GateWarning, match="not int8 on onnx-cpu"):
+        assert resolve_precision(loaded, BACKENDS["onnx-cpu"], None, auto=True) == "fp32"
+    (art / "gate.json").write_text(json.dumps({k: v for k, v in json.loads((art / "gate.json").read_text()).items()
+                                               if k != "onnx-cpu/int8"}))
+    with pytest.warns(GateWarning, match="not int8 on onnx-cpu: it has not passed"):
+        assert resolve_precision(loaded, BACKENDS["onnx-cpu"], None, auto=True) == "fp32"
+    record_gate_results(art, loaded.fingerprint, [{**passed, "backend": "onnx-cpu", "machine": {"simd": VNNI_CPU}}])
     monkeypatch.setattr(registry, "simd_flags", lambda: VNNI_CPU)
     record_gate_results(art, loaded.fingerprint, [{**passed, "passed": False, "failures": ["decisive pair flips 1 > 0"]}])
     with pytest.warns(GateWarning, match="not int8 on openvino.*decisive pair flips 1 > 0"):

@@ -193,7 +193,8 @@ def resolve_precision(artifacts: Artifacts, info: BackendInfo, precision: str | 
         if not auto or p == EXACT:
             return p
         status = gate_status(artifacts.root, artifacts.fingerprint, info.name, p,
-                             derived_on=simd_flags() if info.derives(p) else None)
+                             derived_on=simd_flags() if info.derives(p) else None,
+                             deriving=[b.name for b in BACKENDS.values() if b.derives(p)])
         if status.state == "passed":
             return p
         if status.state == "failed":
