@@ -247,10 +247,11 @@ def test_int8_weights_are_what_the_plugin_multiplies():
             error = np.abs(got - x @ weights)
             if group == 0:  # int8 weights widened to f32: exactly x @ (q * scale)
                 assert error.max() < 1e-4, error.max()
-            else:
+            elif cpu_model_and_flags()[1] & {"avx512_vnni", "amx_int8"}:  # where it was measured (issue 22)
                 assert np.all(error <= activation_bound(weights) * 1.01 + 1e-4), (error / activation_bound(weights)).max()
-                if cpu_model_and_flags()[1] & {"avx512_vnni", "amx_int8"}:
-                    assert error.max() > 1e-3  # the activations were quantised: the int8 path ran
+                assert error.max() > 1e-3  # the activations were quantised: the int8 path ran
+            else:  # never measured without VNNI (u8 x s8 with 16-bit sums may saturate there): gross errors only
+                assert np.all(error <= activation_bound(weights) * 5 + 1e-4), (error / activation_bound(weights)).max()
     assert any(str(op.get_rt_info()["runtimePrecision"].astype(str)) in ("i8", "u8")
                for op in compiled.get_runtime_model().get_ordered_ops()
                if str(op.get_rt_info()["layerType"].astype(str)) == "FullyConnected")
