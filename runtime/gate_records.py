@@ -99,9 +99,10 @@ def gate_status(root: str | Path, fingerprint: str, backend: str, precision: str
     derived_on: for a precision the backend derives at load, this CPU's SIMD flags (machine.simd_flags): only
     the backend's own record counts, and only one made with the same flags. deriving: the backends that derive
     `precision` themselves, whose passes vouch for nobody else's."""
+    not_vouching = set(deriving) - {backend}
     mine = {key: rec for key, rec in read_gate_records(root).items()
             if rec["fingerprint"] == fingerprint and key.endswith(f"/{precision}")
-            and (key.split("/", 1)[0] == backend or key.split("/", 1)[0] not in set(deriving))}
+            and key.split("/", 1)[0] not in not_vouching}
     own = mine.get(f"{backend}/{precision}")
     if own is not None and own.get("passed") is False:
         return GateStatus("failed", tuple(own.get("failures") or ()), backend)
